@@ -1,0 +1,32 @@
+# Two commands do all set-up on a fresh machine with only Python:
+#   make demo   - create .venv if missing, then run the whole pipeline on the toy world (CPU)
+#   make test   - create .venv if missing, then check notebooks/library sync and run all tests
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+OUT ?= runs/demo
+CONFIG ?= configs/toy.yaml
+
+.PHONY: demo test install lint-nbs nbtest pytest readme clean
+
+install: $(STAMP)
+
+$(STAMP): settings.ini setup.py
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e ".[dev]"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	HF_HUB_OFFLINE=1 $(BIN)/vlm-rlaif demo --config $(CONFIG) --out $(OUT)
+
+test: $(STAMP)
+	PATH=$(abspath $(BIN)):$$PATH bash .ci/test.sh
+
+readme: $(STAMP)
+	$(BIN)/python .ci/make_readme.py
+
+clean:
+	rm -rf runs _proc _docs
