@@ -1,0 +1,63 @@
+"A 2-process CPU run of SFT (accelerate launch --multi_gpu, gloo): both ranks train, the model is saved once."
+import json
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from vlm_rlaif.encoder import toy_encoder_config
+from vlm_rlaif.model import TOY_LM_CONFIG
+from vlm_rlaif.toyworld import ToyWorldConfig, make_dataset
+
+SCRIPT = textwrap.dedent('''
+    import json, os, sys
+    import torch
+    torch.set_num_threads(1)
+    from vlm_rlaif.sft import SFTConfig, make_accelerator, train_sft
+    cfg, out = SFTConfig.from_dict(json.loads(open(sys.argv[1]).read())), sys.argv[2]
+    steps = []
+    rank = int(os.environ.get("RANK", -1))
+    train_sft(cfg, out, on_step=lambda step, row: steps.append(step), progress=False)
+    acc = make_accelerator()
+    with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
+        json.dump(dict(rank=rank, process_index=acc.process_index, num_processes=acc.num_processes,
+                       backend=str(acc.state.backend), steps=steps), f)
+    acc.end_training()
+''')
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_process_cpu_sft(tmp_path):
+    data = make_dataset(ToyWorldConfig(n_videos=8, seed=5), tmp_path / "data", progress=False)
+    lm = dict(TOY_LM_CONFIG, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+              num_key_value_heads=2)
+    cfg = dict(data_dir=str(data), features_dir=str(tmp_path / "features"), tokenizer_vocab_size=300, batch_size=2,
+               gradient_accumulation_steps=2, lr=1e-3, save_every=2, log_every=1, seed=0,
+               model=dict(lm_config=lm, encoder=toy_encoder_config().to_dict(), lora=None))
+    (tmp_path / "cfg.json").write_text(json.dumps(cfg))
+    (tmp_path / "run.py").write_text(SCRIPT)
+    out = tmp_path / "run"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1",
+           "CUDA_VISIBLE_DEVICES": ""}
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+           "--main_process_port", str(free_port()), str(tmp_path / "run.py"), str(tmp_path / "cfg.json"), str(out)]
+    p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=280)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert [r["process_index"] for r in ranks] == [0, 1]
+    assert all(r["num_processes"] == 2 and r["backend"] == "gloo" for r in ranks)
+    assert ranks[0]["steps"] and ranks[0]["steps"] == ranks[1]["steps"]  # both ranks took every optimizer step
+    assert (out / "model" / "vlm_config.json").exists() and (out / "done.json").exists()
+    done = json.loads((out / "done.json").read_text())
+    assert done["num_processes"] == 2 and done["steps"] == ranks[0]["steps"][-1]
+    ck = sorted((out / "checkpoints").iterdir())
+    assert ck and {"random_states_0.pkl", "random_states_1.pkl"} <= {p.name for p in ck[-1].iterdir()}
