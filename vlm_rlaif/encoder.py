@@ -377,6 +377,7 @@ def pretrain_toy_tower(enc: EncoderConfig, out_path, pcfg: TowerPretrainConfig |
     "CLIP-style contrastive pre-training of `enc`'s tiny tower on toy frames; saves `visual.*` safetensors at `out_path`."
     from vlm_rlaif.toyworld import COLORS, SHAPES, ToyWorldConfig, render_frames, sample_facts
     if enc.tiny is None: raise ValueError("pretrain_toy_tower: only for a tiny tower (EncoderConfig.tiny)")
+    if pcfg is not None and pcfg.steps < 4: raise ValueError(f"TowerPretrainConfig.steps must be >= 4, got {pcfg.steps}")
     pcfg, world = pcfg or TowerPretrainConfig(), world or ToyWorldConfig()
     vocab = {f"{c} {s} {g}": i for i, (c, s, g) in enumerate((c, s, g) for c in COLORS for s in SHAPES for g in GRID_CELLS)}
     rng = np.random.default_rng([pcfg.seed, 7])
@@ -399,7 +400,8 @@ def pretrain_toy_tower(enc: EncoderConfig, out_path, pcfg: TowerPretrainConfig |
         key = torch.tensor([cap_id[c] for c in caps])
         params = [*visual.parameters(), *text.parameters(), logit_scale]
         opt = torch.optim.AdamW(params, lr=pcfg.lr, weight_decay=pcfg.weight_decay)
-        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=pcfg.lr, total_steps=pcfg.steps, pct_start=0.1)
+        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=pcfg.lr, total_steps=pcfg.steps,
+                                                    pct_start=max(0.1, 2 / pcfg.steps))  # >= 2 warm-up steps
         losses = []; visual.train()
         for step in tqdm(range(pcfg.steps), disable=not progress, desc="pre-train tiny tower"):
             b = torch.randint(0, len(X), (pcfg.batch_size,))
