@@ -4,3 +4,27 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("MPLBACKEND", "Agg")
+
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+
+def launch_two_processes(script: str, cfg: dict, out, workdir, timeout: int = 280) -> subprocess.CompletedProcess:
+    """Run `script` (Python source; argv: config JSON path, out dir) in 2 CPU processes with
+    `accelerate launch --multi_gpu` (gloo); asserts it exits 0 and returns the finished process."""
+    import json
+    workdir = Path(workdir)
+    (workdir / "cfg.json").write_text(json.dumps(cfg))
+    (workdir / "run.py").write_text(script)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0)); port = s.getsockname()[1]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1",
+           "CUDA_VISIBLE_DEVICES": ""}
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(port),
+           str(workdir / "run.py"), str(workdir / "cfg.json"), str(out)]
+    p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    return p

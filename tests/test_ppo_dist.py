@@ -1,12 +1,10 @@
 "A 2-process CPU run of PPO (accelerate launch, gloo): each rank makes its share of the rollouts, LoRA stays in sync."
 import json
 import os
-import socket
-import subprocess
-import sys
 import textwrap
 
 import pytest
+from conftest import launch_two_processes
 import torch
 
 from vlm_rlaif.encoder import toy_encoder_config
@@ -30,12 +28,6 @@ SCRIPT = textwrap.dedent('''
 ''')
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.filterwarnings("ignore::UserWarning")
 def test_two_process_cpu_ppo(tmp_path):
     from vlm_rlaif.reward import RewardModel
@@ -52,16 +44,8 @@ def test_two_process_cpu_ppo(tmp_path):
                encoder=enc.to_dict(), lora=dict(r=4, alpha=8, dropout=0.0), num_steps=2, rollout_batch_size=4,
                generation_batch_size=2, minibatch_size=1, max_new_tokens=6, max_prompt_length=512, length_coef=0.0,
                no_eos_penalty=None, lr=1e-3, value_lr=1e-2, save_every=1, progress=False)
-    (tmp_path / "cfg.json").write_text(json.dumps(cfg))
-    (tmp_path / "run.py").write_text(SCRIPT)
     out = tmp_path / "run"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1",
-           "CUDA_VISIBLE_DEVICES": ""}
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-           "--main_process_port", str(free_port()), str(tmp_path / "run.py"), str(tmp_path / "cfg.json"), str(out)]
-    p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=280)
-    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    launch_two_processes(SCRIPT, cfg, out, tmp_path)
     ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert [r["num_processes"] for r in ranks] == [2, 2]
     assert ranks[0]["lora"] == ranks[1]["lora"]  # gradients were averaged: the adapters are identical

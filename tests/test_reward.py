@@ -9,6 +9,7 @@ import os
 os.environ["HF_HUB_OFFLINE"] = "1"
 
 import pytest
+from conftest import launch_two_processes
 import torch
 from torch import nn
 
@@ -318,20 +319,9 @@ train_reward(RewardConfig.from_dict(json.loads(open(sys.argv[1]).read())), sys.a
 
 
 def test_two_process_cpu_reward(toy, tmp_path):
-    import socket, subprocess, sys
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0)); port = s.getsockname()[1]
     cfg = cfg_for(toy, lora=None, max_steps=3, save_every=2, batch_size=2, gradient_accumulation_steps=2).to_dict()
-    (tmp_path / "cfg.json").write_text(json.dumps(cfg))
-    (tmp_path / "run.py").write_text(DIST_SCRIPT)
     out = tmp_path / "run"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1",
-           "CUDA_VISIBLE_DEVICES": ""}
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(port),
-           str(tmp_path / "run.py"), str(tmp_path / "cfg.json"), str(out)]
-    p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=280)
-    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    launch_two_processes(DIST_SCRIPT, cfg, out, tmp_path)
     done = json.loads((out / "done.json").read_text())
     assert done["steps"] == 3 and done["n_val"] == 8  # every held-out pair scored once across the two ranks
     ev = json.loads((out / "eval.json").read_text())

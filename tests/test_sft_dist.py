@@ -1,12 +1,10 @@
 "A 2-process CPU run of SFT (accelerate launch --multi_gpu, gloo): both ranks train, the model is saved once."
 import json
 import os
-import socket
-import subprocess
-import sys
 import textwrap
 
 import pytest
+from conftest import launch_two_processes
 
 from vlm_rlaif.encoder import toy_encoder_config
 from vlm_rlaif.model import TOY_LM_CONFIG
@@ -29,12 +27,6 @@ SCRIPT = textwrap.dedent('''
 ''')
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_two_process_cpu_sft(tmp_path):
     data = make_dataset(ToyWorldConfig(n_videos=8, seed=5), tmp_path / "data", progress=False)
     lm = dict(TOY_LM_CONFIG, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
@@ -42,16 +34,8 @@ def test_two_process_cpu_sft(tmp_path):
     cfg = dict(data_dir=str(data), features_dir=str(tmp_path / "features"), tokenizer_vocab_size=300, batch_size=2,
                gradient_accumulation_steps=2, lr=1e-3, save_every=2, log_every=1, seed=0,
                model=dict(lm_config=lm, encoder=toy_encoder_config().to_dict(), lora=None))
-    (tmp_path / "cfg.json").write_text(json.dumps(cfg))
-    (tmp_path / "run.py").write_text(SCRIPT)
     out = tmp_path / "run"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1",
-           "CUDA_VISIBLE_DEVICES": ""}
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-           "--main_process_port", str(free_port()), str(tmp_path / "run.py"), str(tmp_path / "cfg.json"), str(out)]
-    p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=280)
-    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    launch_two_processes(SCRIPT, cfg, out, tmp_path)
     ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert [r["process_index"] for r in ranks] == [0, 1]
     assert all(r["num_processes"] == 2 and r["backend"] == "gloo" for r in ranks)

@@ -169,7 +169,7 @@ def train_dpo(cfg: DPOConfig, out_dir, policy: VideoLMM | None = None) -> Path:
     dir), `metrics.jsonl`, `tb/`, `checkpoints/`, `config.json`, `eval.json` and `done.json`. Resumes; returns at once
     when done."""
     from transformers import get_scheduler
-    from vlm_rlaif.reward import EpochSampler
+    from vlm_rlaif.sft import EpochSampler
     from vlm_rlaif.sft import (MetricLogger, check_finite, latest_checkpoint, load_checkpoint, make_accelerator,
                                mark_done, save_checkpoint, stage_done)
     out = Path(out_dir)

@@ -29,8 +29,7 @@ from .model import LoraSettings, VideoLMM, _is_peft, _replace_dir, add_lora
 # %% auto #0
 __all__ = ['REWARD_PROMPT', 'SEED_REWARD_PROMPT', 'CONTEXT_CLAUSE', 'PAPER_RM_LORA', 'CORRUPTIONS', 'rm_prompt',
            'last_token_index', 'RewardModel', 'bt_loss', 'corrupt_answer', 'clip_context', 'toy_preference_records',
-           'noisy_labels', 'RewardConfig', 'pair_rewards', 'evaluate_rm', 'accuracy_against', 'EpochSampler',
-           'train_reward']
+           'noisy_labels', 'RewardConfig', 'pair_rewards', 'evaluate_rm', 'accuracy_against', 'train_reward']
 
 # %% ../nbs/07_reward.ipynb #7fa8b3ed
 _CRITERIA = (
@@ -396,18 +395,8 @@ def accuracy_against(result: dict, records, key: str = "truth_preference") -> fl
     return float(np.mean(hits)) if hits else float("nan")
 
 # %% ../nbs/07_reward.ipynb #0e4c44e8
-from .sft import (MetricLogger, check_finite, latest_checkpoint, load_checkpoint, make_accelerator,
-                           mark_done, save_checkpoint, stage_done)
-
-
-class EpochSampler(torch.utils.data.Sampler):
-    "A seeded random order per epoch (`set_epoch`), so a resumed run sees the same batches as an uninterrupted one."
-    def __init__(self, n: int, seed: int = 0): self.n, self.seed, self.epoch = n, seed, 0
-    def set_epoch(self, epoch: int): self.epoch = int(epoch)
-    def __len__(self): return self.n
-    def __iter__(self):
-        g = torch.Generator().manual_seed(int(self.seed) * 1_000_003 + self.epoch)
-        return iter(torch.randperm(self.n, generator=g).tolist())
+from .sft import (EpochSampler, MetricLogger, check_finite, latest_checkpoint, load_checkpoint,
+                           make_accelerator, mark_done, save_checkpoint, stage_done)
 
 
 def _rm_datasets(cfg: RewardConfig, tokenizer, features):
