@@ -77,6 +77,7 @@ _VERDICT_PATTERNS = [  # (regex, 'pick' names the better answer | 'drop' names t
     (rf"(?i:better|best|preferred|winning|correct)\s+{_KW}\s+(?i:is)\s*:?\s*(?:{_KW}\s*)?{_L}", "pick"),
     (rf"(?i:prefer|choose|pick|select|go\s+with|verdict|winner|choice)\s*:?\s*(?:{_KW}\s*)?{_L}", "pick"),
     (r"\[\[\s*([AaBb])\s*\]\]", "pick"),
+    (rf"(?i:the\s+)?(?i:final\s+)?(?i:answer|verdict)\s+(?i:is)\s*:?\s*{_L}", "pick"),  # "The answer is (B)."
     (rf"^\s*(?:{_KW}\s*)?{_L}\s*[.!:]?\s*$", "pick"),   # the whole output is one letter
 ]
 _TIE_PATTERN = re.compile(
