@@ -26,5 +26,7 @@ def launch_two_processes(script: str, cfg: dict, out, workdir, timeout: int = 28
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(port),
            str(workdir / "run.py"), str(workdir / "cfg.json"), str(out)]
     p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
-    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    if p.returncode != 0:  # the workers' own traceback, not the launcher's that follows it
+        err = p.stderr.split("Traceback (most recent call last):\n  File \"<frozen runpy>\"")[0]
+        raise AssertionError(f"exit {p.returncode}\n{p.stdout[-2000:]}\n{err[-5000:]}")
     return p

@@ -50,6 +50,7 @@ class DPOConfig:
     max_length: int = 2048  # text tokens per sequence (the answer is cut to fit)
     max_steps: int | None = None
     mixed_precision: str = "no"
+    deepspeed_config: str | None = None  # DeepSpeed JSON (ZeRO-2/3) used through accelerate
     seed: int = 0
     save_every: int = 100  # optimiser steps between checkpoints (0: none)
     keep_checkpoints: int = 2
@@ -170,11 +171,12 @@ def train_dpo(cfg: DPOConfig, out_dir, policy: VideoLMM | None = None) -> Path:
     when done."""
     from transformers import get_scheduler
     from vlm_rlaif.sft import EpochSampler
-    from vlm_rlaif.sft import (MetricLogger, check_finite, latest_checkpoint, load_checkpoint, make_accelerator,
-                               mark_done, save_checkpoint, stage_done)
+    from vlm_rlaif.sft import (MetricLogger, check_finite, gathered_params, generation_model, latest_checkpoint,
+                               load_checkpoint, make_accelerator, mark_done, save_checkpoint, stage_done)
     out = Path(out_dir)
     if stage_done(out): return out
-    acc = make_accelerator(cfg.mixed_precision, cfg.gradient_accumulation_steps, seed=cfg.seed)
+    acc = make_accelerator(cfg.mixed_precision, cfg.gradient_accumulation_steps, cfg.deepspeed_config, seed=cfg.seed,
+                           micro_batch_size=cfg.batch_size, max_grad_norm=cfg.max_grad_norm)
     if policy is None:
         policy = load_policy(cfg.sft_model_dir, LoraSettings(**{**cfg.lora, "train_projector": False}))
     tok = policy.tokenizer
@@ -185,12 +187,13 @@ def train_dpo(cfg: DPOConfig, out_dir, policy: VideoLMM | None = None) -> Path:
     sampler = EpochSampler(len(ds), cfg.seed)
     dl = torch.utils.data.DataLoader(ds, batch_size=cfg.batch_size, sampler=sampler, collate_fn=Collator(tok.pad_token_id))
     params = [p for p in policy.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    base_opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     policy = policy.to(acc.device)
-    model, opt, dl = acc.prepare(policy, opt, dl)
+    model, opt, dl = acc.prepare(policy, base_opt, dl)
     per_epoch = math.ceil(len(dl) / cfg.gradient_accumulation_steps)
     total = per_epoch * cfg.epochs if cfg.max_steps is None else min(cfg.max_steps, per_epoch * cfg.epochs)
-    sched = get_scheduler(cfg.lr_scheduler, opt, num_warmup_steps=math.ceil(cfg.warmup_ratio * total),
+    # on the torch optimizer: DeepSpeed's ZeRO optimizers read its param groups' lr
+    sched = get_scheduler(cfg.lr_scheduler, base_opt, num_warmup_steps=math.ceil(cfg.warmup_ratio * total),
                           num_training_steps=total)
     acc.register_for_checkpointing(sched)
     unwrapped = acc.unwrap_model(model)
@@ -242,13 +245,15 @@ def train_dpo(cfg: DPOConfig, out_dir, policy: VideoLMM | None = None) -> Path:
     finally:
         logger.close(); bar.close()
     acc.wait_for_everyone()
+    ev = {}
+    with generation_model(acc, model) as m:  # ZeRO-3: whole weights (and no fetch hooks) for the main process's work
+        if acc.is_main_process:
+            if cfg.val_file:
+                vds = DPOPairDataset(load_records(cfg.val_file, "rm"), tok, features, cfg.data_root, cfg.max_length)
+                ev = evaluate_dpo(m, vds, cfg.batch_size, cfg.beta)
+                (out / "eval.json").write_text(json.dumps(ev))
+            m.save_pretrained(out / "policy", save_base=True)
     if acc.is_main_process:
-        ev = {}
-        if cfg.val_file:
-            vds = DPOPairDataset(load_records(cfg.val_file, "rm"), tok, features, cfg.data_root, cfg.max_length)
-            ev = evaluate_dpo(unwrapped, vds, cfg.batch_size, cfg.beta)
-            (out / "eval.json").write_text(json.dumps(ev))
-        unwrapped.save_pretrained(out / "policy", save_base=True)
         mark_done(out, {"steps": step, "pairs": len(ds), "dropped": ds.n_dropped, **{f"val_{k}": v for k, v in ev.items()}})
     acc.wait_for_everyone()
     return out

@@ -27,7 +27,7 @@ from .model import LoraSettings, VideoLMM, add_lora
 __all__ = ['KL_ESTIMATORS', 'PLACEMENTS', 'PPOConfig', 'truncate_at_eos', 'kl_estimate', 'score_penalties', 'place_scores',
            'shape_rewards', 'masked_mean', 'whiten', 'gae', 'policy_loss', 'value_loss', 'KLController', 'load_policy',
            'trainable_state', 'ValueHead', 'response_logprobs', 'rm_prompt_ids', 'reward_inputs', 'score_responses',
-           'make_rollouts', 'compute_advantages', 'ppo_update', 'rm_prompt_settings', 'train_ppo']
+           'make_rollouts', 'compute_advantages', 'PolicyWithValue', 'ppo_update', 'rm_prompt_settings', 'train_ppo']
 
 # %% ../nbs/08_ppo.ipynb #5dea8ccf
 KL_ESTIMATORS = ("k1", "k1_clamp", "k3")
@@ -84,6 +84,7 @@ class PPOConfig:
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
     mixed_precision: str = "no"
+    deepspeed_config: str | None = None  # DeepSpeed JSON (ZeRO-2/3) for the policy + value head; the RM stays whole
     seed: int = 0
     # bookkeeping
     save_every: int = 10  # PPO steps between checkpoints
@@ -400,10 +401,30 @@ def _trim(ix: torch.Tensor, roll: dict, adv: dict) -> dict:
     return mb
 
 
-def ppo_update(policy, value_head, optimizer, scheduler, accelerator, roll: dict, adv: dict, cfg: PPOConfig,
+class PolicyWithValue(nn.Module):
+    """The PPO trainables as one module, so that one optimizer (and, under DeepSpeed, one engine) holds them: the
+    LoRA policy and the value head. `forward(minibatch)` -> (response log-probs, value predictions)."""
+    def __init__(self, policy: VideoLMM, value_head: ValueHead):
+        super().__init__()
+        self.policy, self.value_head = policy, value_head
+
+    @property
+    def config(self):
+        "The policy LM's config (DeepSpeed sizes its buckets from `hidden_size`)."
+        return self.policy.config
+
+
+    def forward(self, mb: dict, temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+        logp = response_logprobs(self.policy, mb["prompt_ids"], mb["prompt_mask"], mb["video_feats"], mb["responses"],
+                                 mb["mask"], temperature=temperature)
+        return logp, self.value_head(mb["hidden"])
+
+
+def ppo_update(model, optimizer, scheduler, accelerator, roll: dict, adv: dict, cfg: PPOConfig,
                step: int = 0, params=None) -> list[dict]:
-    """`cfg.ppo_epochs` epochs of clipped PPO updates over the rollouts in minibatches of `cfg.minibatch_size`;
-    returns one stats dict per minibatch (the first one is the first minibatch of the first epoch)."""
+    """`cfg.ppo_epochs` epochs of clipped PPO updates of `model` (a `PolicyWithValue`, prepared by `accelerator`) over
+    the rollouts in minibatches of `cfg.minibatch_size`; returns one stats dict per minibatch (the first one is the
+    first minibatch of the first epoch)."""
     from vlm_rlaif.sft import check_finite
     N = len(roll["responses"])
     gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
@@ -413,9 +434,7 @@ def ppo_update(policy, value_head, optimizer, scheduler, accelerator, roll: dict
         perm = torch.randperm(N, generator=gen)
         for s in range(0, N, cfg.minibatch_size):
             mb = _trim(perm[s:s + cfg.minibatch_size].to(roll["responses"].device), roll, adv)
-            logp = response_logprobs(policy, mb["prompt_ids"], mb["prompt_mask"], mb["video_feats"], mb["responses"],
-                                     mb["mask"], temperature=cfg.temperature)
-            vpred = value_head(mb["hidden"])
+            logp, vpred = model(mb, temperature=cfg.temperature)
             pg, ps = policy_loss(logp, mb["logp"], mb["advantages"], mb["train_mask"], cfg.cliprange)
             vl, vs = value_loss(vpred, mb["values"], mb["returns"], mb["train_mask"], cfg.cliprange_value)
             loss = check_finite(pg + cfg.vf_coef * vl, step + 1, "PPO loss")
@@ -472,11 +491,12 @@ def train_ppo(cfg: PPOConfig, out_dir, policy: VideoLMM | None = None, reward_mo
     the RM's score (e.g. the toy world's true quality; the RM still feeds the value head), `monitor_fn` (same
     signature) is only logged, as `objective/monitor`."""
     from transformers import get_scheduler
-    from vlm_rlaif.sft import (MetricLogger, latest_checkpoint, load_checkpoint, make_accelerator, mark_done,
-                               save_checkpoint, stage_done)
+    from vlm_rlaif.sft import (MetricLogger, gathered_params, generation_model, latest_checkpoint, load_checkpoint,
+                               make_accelerator, mark_done, save_checkpoint, stage_done)
     out = Path(out_dir)
     if stage_done(out): return out
-    acc = make_accelerator(cfg.mixed_precision, seed=cfg.seed)
+    acc = make_accelerator(cfg.mixed_precision, deepspeed_config=cfg.deepspeed_config, seed=cfg.seed,
+                           micro_batch_size=cfg.minibatch_size, max_grad_norm=cfg.max_grad_norm)
     if cfg.rollout_batch_size % acc.num_processes:
         raise ValueError(f"rollout_batch_size={cfg.rollout_batch_size} is not divisible by {acc.num_processes} processes")
     if policy is None:
@@ -501,12 +521,12 @@ def train_ppo(cfg: PPOConfig, out_dir, policy: VideoLMM | None = None, reward_mo
     per_proc = cfg.rollout_batch_size // acc.num_processes
     total_updates = num_steps * cfg.ppo_epochs * math.ceil(per_proc / cfg.minibatch_size)
     lora_params = [p for p in policy.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW([{"params": lora_params, "lr": cfg.lr},
-                             {"params": list(value_head.parameters()), "lr": cfg.value_lr or cfg.lr}],
-                            weight_decay=cfg.weight_decay)
-    sched = get_scheduler(cfg.lr_scheduler, opt, num_warmup_steps=cfg.warmup_steps, num_training_steps=total_updates)
-    policy = policy.to(acc.device)
-    policy_w, value_w, opt = acc.prepare(policy, value_head, opt)
+    base_opt = torch.optim.AdamW([{"params": lora_params, "lr": cfg.lr},
+                                  {"params": list(value_head.parameters()), "lr": cfg.value_lr or cfg.lr}],
+                                 weight_decay=cfg.weight_decay)
+    # on the torch optimizer: DeepSpeed's ZeRO optimizers read its param groups' lr
+    sched = get_scheduler(cfg.lr_scheduler, base_opt, num_warmup_steps=cfg.warmup_steps, num_training_steps=total_updates)
+    model_w, opt = acc.prepare(PolicyWithValue(policy.to(acc.device), value_head), base_opt)
     acc.register_for_checkpointing(sched)
     params = lora_params + list(value_head.parameters())
     kl_ctl = KLController(cfg.kl_coef, cfg.adaptive_kl, cfg.kl_target, cfg.kl_horizon)
@@ -519,7 +539,6 @@ def train_ppo(cfg: PPOConfig, out_dir, policy: VideoLMM | None = None, reward_mo
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
     logger = MetricLogger(out, acc, resume_step=start if last is not None else None)
-    unwrapped = acc.unwrap_model(policy_w)
     t_start, n_tokens = time.time(), 0
     bar = tqdm(range(start, num_steps), disable=not (cfg.progress and acc.is_main_process), desc="PPO")
     try:
@@ -529,7 +548,8 @@ def train_ppo(cfg: PPOConfig, out_dir, policy: VideoLMM | None = None, reward_mo
             items = [ds[i] for i in idx]
             recs = [ds.records[it["index"]] for it in items]
             suffix = rm_prompt_ids(tok, prompt_text, recs, use_ctx, ctx_key)
-            roll = make_rollouts(unwrapped, rm, value_head, collate(items), suffix, cfg)
+            with generation_model(acc, model_w) as m:  # ZeRO-3: weights gathered once for the whole rollout batch
+                roll = make_rollouts(m.policy, rm, m.value_head, collate(items), suffix, cfg)
             extra = {}
             if reward_fn is not None or monitor_fn is not None:
                 texts = [t.strip() for t in tok.batch_decode(roll["responses"], skip_special_tokens=True)]
@@ -538,7 +558,7 @@ def train_ppo(cfg: PPOConfig, out_dir, policy: VideoLMM | None = None, reward_mo
                     extra["objective/rm_scores"] = roll["scores"].mean()
                     roll["scores"] = torch.as_tensor(reward_fn(recs, texts), dtype=torch.float32, device=roll["scores"].device)
             adv = compute_advantages(roll, cfg, kl_ctl.value)
-            stats = ppo_update(policy_w, value_w, opt, sched, acc, roll, adv, cfg, step, params)
+            stats = ppo_update(model_w, opt, sched, acc, roll, adv, cfg, step, params)
             m, mask = roll["mask"], roll["mask"].float()
             k1 = kl_estimate(roll["logp"], roll["ref_logp"], "k1") * mask
             k3 = kl_estimate(roll["logp"], roll["ref_logp"], "k3") * mask
@@ -572,10 +592,13 @@ def train_ppo(cfg: PPOConfig, out_dir, policy: VideoLMM | None = None, reward_mo
     finally:
         logger.close(); bar.close()
     acc.wait_for_everyone()
+    with gathered_params(acc, model_w):  # ZeRO-3: whole weights for the save
+        if acc.is_main_process:
+            trained = acc.unwrap_model(model_w)
+            trained.policy.save_pretrained(out / "policy", save_base=True)
+            save_file({k: v.detach().float().contiguous().cpu() for k, v in trained.value_head.state_dict().items()},
+                      out / "value_head.safetensors")
     if acc.is_main_process:
-        unwrapped.save_pretrained(out / "policy", save_base=True)
-        save_file({k: v.detach().float().contiguous().cpu() for k, v in acc.unwrap_model(value_w).state_dict().items()},
-                  out / "value_head.safetensors")
         mark_done(out, {"steps": num_steps, "prompts": len(ds), "kl_coef": kl_ctl.value})
     acc.wait_for_everyone()
     return out

@@ -395,8 +395,8 @@ def accuracy_against(result: dict, records, key: str = "truth_preference") -> fl
     return float(np.mean(hits)) if hits else float("nan")
 
 # %% ../nbs/07_reward.ipynb #0e4c44e8
-from .sft import (EpochSampler, MetricLogger, check_finite, latest_checkpoint, load_checkpoint,
-                           make_accelerator, mark_done, save_checkpoint, stage_done)
+from .sft import (EpochSampler, MetricLogger, check_finite, gathered_params, latest_checkpoint,
+                           load_checkpoint, make_accelerator, mark_done, save_checkpoint, stage_done)
 
 
 def _rm_datasets(cfg: RewardConfig, tokenizer, features):
@@ -428,7 +428,7 @@ def train_reward(cfg: RewardConfig, out_dir) -> Path:
     for k in ("sft_model_dir", "train_file", "features_dir"):
         if getattr(cfg, k) is None: raise ValueError(f"RewardConfig.{k} is required")
     acc = make_accelerator(cfg.mixed_precision, cfg.gradient_accumulation_steps, cfg.deepspeed_config, log_dir=out,
-                           seed=cfg.seed)
+                           seed=cfg.seed, micro_batch_size=cfg.batch_size, max_grad_norm=cfg.max_grad_norm)
     if acc.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
@@ -443,12 +443,13 @@ def train_reward(cfg: RewardConfig, out_dir) -> Path:
                                      num_workers=cfg.num_workers, drop_last=False,
                                      generator=torch.Generator().manual_seed(cfg.seed))  # not the global RNG (dropout's)
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    model, opt, dl = acc.prepare(model, opt, dl)
+    base_opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    model, opt, dl = acc.prepare(model, base_opt, dl)
     ga = cfg.gradient_accumulation_steps
     per_epoch = math.ceil(len(dl) / ga)
     total = per_epoch * cfg.epochs if cfg.max_steps is None else min(cfg.max_steps, per_epoch * cfg.epochs)
-    sched = get_scheduler(cfg.lr_scheduler, opt, num_warmup_steps=math.ceil(cfg.warmup_ratio * total),
+    # on the torch optimizer: DeepSpeed's ZeRO optimizers read its param groups' lr
+    sched = get_scheduler(cfg.lr_scheduler, base_opt, num_warmup_steps=math.ceil(cfg.warmup_ratio * total),
                           num_training_steps=total)
     acc.register_for_checkpointing(sched)
     ckpt_root = out / "checkpoints"
@@ -502,8 +503,9 @@ def train_reward(cfg: RewardConfig, out_dir) -> Path:
     finally:
         logger.close(); bar.close()
     acc.wait_for_everyone()
+    with gathered_params(acc, model):  # ZeRO-3: whole weights for the save
+        if acc.is_main_process: acc.unwrap_model(model).save_pretrained(out / "model")
     if acc.is_main_process:
-        acc.unwrap_model(model).save_pretrained(out / "model")
         (out / "eval.json").write_text(json.dumps(ev))
         mark_done(out, {"steps": step, "val_accuracy": ev["accuracy"], "val_loss": ev["loss"], "n_val": ev["n"],
                         "val_truth_accuracy": ev.get("truth_accuracy"),

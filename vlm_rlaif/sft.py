@@ -13,6 +13,7 @@ import shutil
 import tempfile
 import time
 import warnings
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Callable, Sequence
@@ -25,11 +26,12 @@ from .data import Collator, PromptDataset, VideoInstructDataset, curriculum_spli
 from .model import IMAGE_TOKEN, video_question
 
 # %% auto #0
-__all__ = ['CKPT_PREFIX', 'TRAINER_STATE', 'DONE_FILE', 'SCHEDULES', 'CRITERIA', 'resolve_mixed_precision', 'make_accelerator',
-           'NonFiniteLossError', 'check_finite', 'MetricLogger', 'read_metrics', 'latest_checkpoint', 'save_checkpoint',
-           'load_checkpoint', 'stage_done', 'mark_done', 'RunLockedError', 'run_lock', 'generate_answers', 'SFTConfig',
-           'load_sft_records', 'sft_stages', 'EpochSampler', 'record_texts', 'build_sft_model', 'stagewise_cosine',
-           'train_sft', 'chance_answers', 'score_sft']
+__all__ = ['CKPT_PREFIX', 'TRAINER_STATE', 'DONE_FILE', 'SCHEDULES', 'CRITERIA', 'resolve_mixed_precision',
+           'deepspeed_config_dict', 'make_accelerator', 'NonFiniteLossError', 'check_finite', 'MetricLogger',
+           'read_metrics', 'latest_checkpoint', 'save_checkpoint', 'load_checkpoint', 'stage_done', 'mark_done',
+           'zero_stage', 'gathered_params', 'generation_model', 'RunLockedError', 'run_lock', 'generate_answers',
+           'SFTConfig', 'load_sft_records', 'sft_stages', 'EpochSampler', 'record_texts', 'build_sft_model',
+           'stagewise_cosine', 'train_sft', 'chance_answers', 'score_sft']
 
 # %% ../nbs/05_sft.ipynb #f3427d16
 def resolve_mixed_precision(mixed_precision: str = "auto") -> str:
@@ -46,10 +48,30 @@ def resolve_mixed_precision(mixed_precision: str = "auto") -> str:
     return mp
 
 
+def deepspeed_config_dict(deepspeed_config, micro_batch_size: int | None = None,
+                          max_grad_norm: float | None = None) -> dict:
+    """A DeepSpeed config (JSON path or dict) as a dict, with the "auto" values accelerate cannot infer filled in:
+    `train_micro_batch_size_per_gpu` (needed when no data loader is prepared, as in PPO) and `gradient_clipping`
+    (the stage's `max_grad_norm`; 0 or None: no clipping). Values that are set in the file are kept."""
+    if isinstance(deepspeed_config, dict): ds = json.loads(json.dumps(deepspeed_config))
+    else:
+        p = Path(deepspeed_config)
+        if not p.exists(): raise FileNotFoundError(f"deepspeed_config not found: {p}")
+        try: ds = json.loads(p.read_text())
+        except json.JSONDecodeError as e: raise ValueError(f"{p}: not valid JSON ({e})") from None
+    if micro_batch_size is not None and ds.get("train_micro_batch_size_per_gpu", "auto") == "auto":
+        ds["train_micro_batch_size_per_gpu"] = int(micro_batch_size)
+    if ds.get("gradient_clipping", "auto") == "auto":
+        ds["gradient_clipping"] = float(max_grad_norm or 0.0)
+    return ds
+
+
 def make_accelerator(mixed_precision: str = "no", gradient_accumulation_steps: int = 1, deepspeed_config=None,
-                     log_dir=None, seed: int = 0):
+                     log_dir=None, seed: int = 0, micro_batch_size: int | None = None,
+                     max_grad_norm: float | None = None):
     """An `accelerate.Accelerator`: CPU (gloo between processes) when there is no CUDA, a `DeepSpeedPlugin` when
-    `deepspeed_config` (a JSON path or dict) is given; `mixed_precision` may be 'auto'. Seeds every RNG with `seed`."""
+    `deepspeed_config` (a JSON path or dict, see `deepspeed_config_dict`) is given; `mixed_precision` may be
+    'auto'. Seeds every RNG with `seed`."""
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState, GradientState
     from accelerate.utils import InitProcessGroupKwargs, ProjectConfiguration, set_seed
@@ -63,17 +85,32 @@ def make_accelerator(mixed_precision: str = "no", gradient_accumulation_steps: i
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1 or int(os.environ.get("LOCAL_RANK", "-1")) != -1
     if cpu and distributed:  # gloo (accelerate would pick MPI where torch has it); single process: no backend
         kw["kwargs_handlers"] = [InitProcessGroupKwargs(backend="gloo")]
+    if deepspeed_config is None and os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
+        # launched with a DeepSpeed accelerate config: use its JSON the same way
+        deepspeed_config = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE")
+        if deepspeed_config is None:  # plugin settings in the environment: keep DeepSpeed, build models whole
+            kw["cpu"] = False
+            os.environ["ACCELERATE_DEEPSPEED_ZERO3_INIT"] = "false"
     if deepspeed_config is not None:
         from accelerate.utils import DeepSpeedPlugin
-        if not isinstance(deepspeed_config, dict) and not Path(deepspeed_config).exists():
-            raise FileNotFoundError(f"deepspeed_config not found: {deepspeed_config}")
-        kw["deepspeed_plugin"] = DeepSpeedPlugin(hf_ds_config=deepspeed_config if isinstance(deepspeed_config, dict)
-                                                 else str(deepspeed_config),
-                                                 gradient_accumulation_steps=int(gradient_accumulation_steps))
+        ds = deepspeed_config_dict(deepspeed_config, micro_batch_size, max_grad_norm)
+        if cpu and not distributed:
+            raise RuntimeError("deepspeed_config on CPU needs a distributed launch: run under `accelerate launch "
+                               "--multi_gpu --num_processes N` (DeepSpeed then runs over gloo), or drop deepspeed_config")
+        kw["cpu"] = False  # accelerate's cpu=True silently turns DeepSpeed off; on CPU DeepSpeed runs over gloo
+        # zero3_init_flag=False: models are built whole and sharded by `prepare`, so the stages can merge LoRA, add
+        # heads and keep a frozen reward model whole (with zero.Init every from_pretrained comes out sharded)
+        kw["deepspeed_plugin"] = DeepSpeedPlugin(hf_ds_config=ds, gradient_accumulation_steps=int(gradient_accumulation_steps),
+                                                 gradient_clipping=ds["gradient_clipping"], zero3_init_flag=False)
         kw.pop("gradient_accumulation_steps")
     if log_dir is not None:
         kw["project_config"] = ProjectConfiguration(project_dir=str(log_dir))
     acc = Accelerator(**kw)
+    if acc.distributed_type == "DEEPSPEED":
+        # accelerate registers its DeepSpeed config with transformers even without zero3_init_flag, and then every
+        # from_pretrained under ZeRO-3 comes out sharded; here models are built whole and `prepare` shards them
+        from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+        unset_hf_deepspeed_config()
     set_seed(seed)
     return acc
 
@@ -234,6 +271,43 @@ def mark_done(out_dir, info: dict | None = None) -> Path:
     path = Path(out_dir) / DONE_FILE
     _atomic_write_text(path, json.dumps({**(info or {}), "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}, indent=1))
     return path
+
+# %% ../nbs/05_sft.ipynb #b992a585
+def zero_stage(accelerator) -> int:
+    "The DeepSpeed ZeRO stage `accelerator` trains with (0 without DeepSpeed)."
+    from accelerate.utils import DistributedType
+    if accelerator is None or accelerator.distributed_type != DistributedType.DEEPSPEED: return 0
+    return int(accelerator.state.deepspeed_plugin.zero_stage)
+
+
+@contextmanager
+def gathered_params(accelerator, model):
+    """Inside the block every parameter of `model` (prepared, or the module inside) is whole on every process:
+    ZeRO-3 shards are all-gathered once and partitioned again on exit. A no-op without ZeRO-3. Call on every process."""
+    if zero_stage(accelerator) != 3:
+        yield; return
+    import deepspeed
+    with deepspeed.zero.GatheredParameters(list(accelerator.unwrap_model(model).parameters()), modifier_rank=None):
+        yield
+
+
+@contextmanager
+def generation_model(accelerator, model):
+    """The bare module of a prepared `model`, for many forward passes in a row (sampling, scoring rollouts): under
+    ZeRO-3 its weights are gathered once for the block and DeepSpeed's per-module fetch hooks are lifted; the
+    unwrapped model otherwise. Call on every process."""
+    if zero_stage(accelerator) != 3:
+        yield accelerator.unwrap_model(model); return
+    from deepspeed.runtime.zero.stage3 import unwrap_model_for_generation
+    # DeepSpeed's helper leaves the start-of-forward hook, whose step reset checks that all ranks ran the same
+    # modules: a collective, which hangs as soon as ranks sample different lengths (or one process evaluates)
+    coordinator = model.optimizer.parameter_offload.get_param_coordinator()
+    coordinator.reset_step = lambda: None
+    try:
+        with unwrap_model_for_generation(model):  # `model` is the DeepSpeedEngine that accelerate.prepare returned
+            yield accelerator.unwrap_model(model)
+    finally:
+        del coordinator.reset_step
 
 # %% ../nbs/05_sft.ipynb #9dbf4251
 class RunLockedError(RuntimeError):
@@ -525,7 +599,8 @@ def train_sft(cfg: SFTConfig, out_dir, on_step: Callable | None = None, progress
     if stage_done(out_dir): return out_dir
     if isinstance(cfg, dict): cfg = SFTConfig.from_dict(cfg)
     t0 = time.time()
-    acc = make_accelerator(cfg.mixed_precision, cfg.gradient_accumulation_steps, cfg.deepspeed_config, seed=cfg.seed)
+    acc = make_accelerator(cfg.mixed_precision, cfg.gradient_accumulation_steps, cfg.deepspeed_config, seed=cfg.seed,
+                           micro_batch_size=cfg.batch_size, max_grad_norm=cfg.max_grad_norm)
     with run_lock(out_dir, acc):
         return _train_sft(cfg, out_dir, acc, on_step, progress, t0)
 
@@ -555,13 +630,13 @@ def _train_sft(cfg: SFTConfig, out_dir: Path, acc, on_step, progress: bool, t0: 
         samplers.append(smp); sizes.append(len(ds))
     params = [p for p in model.parameters() if p.requires_grad]
     if not params: raise ValueError("the model has no trainable parameters")
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    model, optimizer, *loaders = acc.prepare(model, optimizer, *loaders)
+    base_opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    model, optimizer, *loaders = acc.prepare(model, base_opt, *loaders)
     accum = acc.gradient_accumulation_steps
     per_epoch = [math.ceil(len(dl) / accum) for dl in loaders]
     total = sum(per_epoch) * cfg.epochs_per_stage
     if cfg.max_steps: total = min(total, int(cfg.max_steps))
-    base_opt = optimizer.optimizer if hasattr(optimizer, "optimizer") else optimizer
+    # the schedule drives the torch optimizer's param groups, which DeepSpeed's ZeRO optimizers read too
     if cfg.schedule == "joint" or len(stages) == 1:
         scheduler = get_cosine_schedule_with_warmup(base_opt, math.ceil(cfg.warmup_ratio * total), total)
     else:
@@ -616,8 +691,9 @@ def _train_sft(cfg: SFTConfig, out_dir: Path, acc, on_step, progress: bool, t0: 
                 pos = dict(stage=si, epoch=ep + 1, batch=0)
         bar.close()
         _barrier(acc)
+        with gathered_params(acc, model):  # ZeRO-3: whole weights for the save
+            if main: acc.unwrap_model(model).save_pretrained(out_dir / "model")
         if main:
-            acc.unwrap_model(model).save_pretrained(out_dir / "model")
             mark_done(out_dir, dict(steps=step, stages={n: s for (n, _), s in zip(stages, sizes)},
                                     final_loss=last.get("loss"), seconds=round(time.time() - t0, 1),
                                     num_processes=acc.num_processes, model_dir="model"))
