@@ -3,6 +3,7 @@
     python bench/gpu_scale.py                    # real shapes, needs a CUDA GPU (~80 GB for the PPO section)
     python bench/gpu_scale.py --tiny             # the same code on tiny shapes (CPU, seconds: a smoke test)
     python bench/gpu_scale.py --sections peak,sft --sft-batch 4 --out bench/results/gpu_scale.json
+    python bench/gpu_scale.py --predict [--new-tokens 896]   # the arithmetic alone (no GPU): roofline, memory floor
 
 Models are random-init with the real shapes (Llama-2-7B LM, ViT-L/14-336 features of 50 frames, pooled after the
 projector to 626 visual tokens, bf16, LoRA): the speed of a step does not depend on the weights' values.
@@ -239,12 +240,36 @@ def section_ppo(sh: dict, peak: dict, out: dict):
 
 
 SECTIONS = {"sft": section_sft, "rollout": section_rollout, "ppo": section_ppo}
+H100_NOMINAL = dict(matmul_tflops=989.0, copy_gbps=2 * 3350.0, device="H100 SXM datasheet (dense bf16, HBM3)")
+
+
+def predict(sh: dict, peak: dict = H100_NOMINAL) -> dict:
+    """What the sections should find, from arithmetic alone: the rollout roofline and the memory a 7B + 7B PPO step
+    cannot go below (both models' weights, the policy's LoRA with AdamW state, the rollout KV cache, the fp32
+    log-softmax of one generation batch)."""
+    lm, B, n = sh["lm"], sh["gen_batch"], sh["new_tokens"]
+    T, P, _ = feature_shape(sh["enc"])
+    prompt = T + P + sh["prompt_text"] + 40  # + the chat template's tokens, about
+    bpp = 2 if sh["dtype"] == "bfloat16" else 4
+    N_all = lm_linear_params(lm) + lm["vocab_size"] * lm["hidden_size"]
+    d, L, ff = lm["hidden_size"], lm["num_hidden_layers"], lm["intermediate_size"]
+    lora = L * sh["lora_r"] * (4 * 2 * d + 3 * (d + ff))  # all-linear LoRA: A and B of q,k,v,o,gate,up,down
+    kv = B * (prompt + n) * 2 * L * d * bpp
+    gib = 2 ** 30
+    mem = dict(weights_policy=N_all * bpp / gib, weights_reward=N_all * bpp / gib, lora_adam_fp32=lora * 16 / gib,
+               kv_cache=kv / gib, logprobs_fp32=2 * B * (n + 1) * lm["vocab_size"] * 4 / gib)
+    roof = rollout_roofline(lm, B, prompt, n, bpp, peak)
+    return dict(assumed_peak=peak, prompt_tokens=prompt, rollout_roofline_tokens_per_s=B * n / roof,
+                decode_bytes_per_step_weights_gb=lm_linear_params(lm) * bpp / 1e9,
+                decode_bytes_per_step_kv_gb_at_end=kv / 1e9, ppo_memory_floor_gib=mem,
+                ppo_memory_floor_total_gib=sum(mem.values()), lora_params=lora)
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--tiny", action="store_true", help="tiny shapes (CPU smoke test)")
     ap.add_argument("--sections", default="peak,sft,rollout,ppo")
+    ap.add_argument("--predict", action="store_true", help="print the arithmetic predictions for these shapes and exit")
     ap.add_argument("--out", default=None, help="JSON file (default: bench/results/gpu_scale[_tiny].json)")
     for k in ("sft_batch", "gen_batch", "new_tokens", "ppo_rollouts", "ppo_minibatch", "lora_r"):
         ap.add_argument("--" + k.replace("_", "-"), type=int, default=None)
@@ -252,6 +277,10 @@ def main(argv=None):
     sh = shapes(a.tiny)
     for k in ("sft_batch", "gen_batch", "new_tokens", "ppo_rollouts", "ppo_minibatch", "lora_r"):
         if getattr(a, k) is not None: sh[k] = getattr(a, k)
+    if a.predict:
+        p = predict(sh)
+        print(json.dumps(p, indent=1))
+        return p
     if not a.tiny and not torch.cuda.is_available():
         sys.exit("bench/gpu_scale.py: the real shapes need a CUDA GPU (use --tiny for the CPU smoke test)")
     out_path = Path(a.out or Path(__file__).parent / "results" / f"gpu_scale{'_tiny' if a.tiny else ''}.json")
@@ -259,6 +288,7 @@ def main(argv=None):
     res = dict(shapes={k: v for k, v in sh.items() if k != "enc"}, encoder=sh["enc"].model_name,
                torch=torch.__version__, started=time.strftime("%Y-%m-%dT%H:%M:%S"))
     res["peak"] = measure_peak(a.tiny)
+    res["predicted"] = predict(sh, res["peak"])
     print(json.dumps(res["peak"]), flush=True)
     for name in a.sections.split(","):
         if name == "peak": continue

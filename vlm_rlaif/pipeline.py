@@ -14,11 +14,12 @@ from pathlib import Path
 import yaml
 
 # %% auto #0
-__all__ = ['STAGES', 'FEEDBACK_JUDGES', 'SYSTEMS', 'STAGE_CONFIGS', 'REPORT_SECTIONS', 'STAGE_FNS', 'PipelineConfig', 'yaml_load',
-           'apply_overrides', 'load_config', 'Run', 'stage_toyworld', 'stage_tower', 'dataset_videos', 'stage_features',
-           'run_stage', 'run_pipeline', 'sft_config', 'stage_sft', 'feedback_config', 'stage_feedback', 'reward_config',
-           'stage_reward', 'ppo_config', 'stage_ppo', 'dpo_config', 'stage_dpo', 'eval_config', 'stage_eval',
-           'build_report', 'stage_report', 'paired_differences', 'check_config']
+__all__ = ['STAGES', 'SHARED_STAGES', 'FEEDBACK_JUDGES', 'SYSTEMS', 'STAGE_CONFIGS', 'REPORT_SECTIONS', 'STAGE_FNS',
+           'PipelineConfig', 'yaml_load', 'apply_overrides', 'load_config', 'Run', 'stage_toyworld', 'stage_tower',
+           'dataset_videos', 'stage_features', 'process_rank', 'run_stage', 'run_pipeline', 'sft_config', 'stage_sft',
+           'feedback_config', 'stage_feedback', 'reward_config', 'stage_reward', 'ppo_config', 'stage_ppo',
+           'dpo_config', 'stage_dpo', 'eval_config', 'stage_eval', 'build_report', 'stage_report', 'paired_differences',
+           'check_config']
 
 # %% ../nbs/10_pipeline.ipynb #705fe082
 STAGES = ("toyworld", "tower", "features", "sft", "feedback", "reward", "ppo", "dpo", "eval", "report")
@@ -97,9 +98,8 @@ def load_config(path, overrides=()) -> PipelineConfig:
 
 # %% ../nbs/10_pipeline.ipynb #af34e489
 def _atomic_json(obj, path):
-    path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=1, default=str)); os.replace(tmp, path)
+    from vlm_rlaif.sft import _atomic_write_text  # a unique temporary file per writer, then rename
+    _atomic_write_text(path, json.dumps(obj, indent=1, default=str))
 
 
 class Run:
@@ -128,8 +128,11 @@ class Run:
     def features_dir(self) -> Path: return self.root / "features"
 
     def features(self):
+        import torch
         from vlm_rlaif.encoder import FeatureCache
-        return FeatureCache(self.features_dir, self.encoder_config())
+        local = int(os.environ.get("LOCAL_RANK", -1))  # one GPU per process under `accelerate launch`
+        device = f"cuda:{local}" if local >= 0 and torch.cuda.is_available() else None
+        return FeatureCache(self.features_dir, self.encoder_config(), device=device)
 
     # ---- bookkeeping ----
     @property
@@ -183,22 +186,53 @@ def dataset_videos(data_dir) -> list[Path]:
 
 
 def stage_features(run: Run, progress: bool = True) -> dict:
-    "Compute the frozen-tower features of every video once (cached; corrupt videos are skipped and counted)."
+    """Compute the frozen-tower features of every video once (cached; corrupt videos are skipped and counted); under
+    `accelerate launch` every process encodes its share of the videos."""
     videos = dataset_videos(run.data_dir)
-    st = run.features().precompute(videos, on_error="skip", progress=progress)
+    rank, world = process_rank()
+    st = run.features().precompute(videos, on_error="skip", progress=progress and rank == 0, rank=rank, world_size=world)
     return dict(videos=len(videos), computed=st["computed"], cached=st["cached"], failed=len(st["failed"]))
 
 # %% ../nbs/10_pipeline.ipynb #b15c644a
+SHARED_STAGES = ("features", "sft", "reward", "ppo", "dpo")  # run by every process of an `accelerate launch`
+
+
+def process_rank() -> tuple[int, int]:
+    "(rank, world size) of this process under `accelerate launch` / torchrun; (0, 1) otherwise."
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+def _wait_for(paths, newer_than: float = 0.0, poll: float = 1.0):
+    "Block until every file of `paths` exists (and is newer than `newer_than`): how processes wait for the main one."
+    while not all(p.exists() and p.stat().st_mtime >= newer_than for p in paths): time.sleep(poll)
+
+
 def run_stage(run: Run, stage: str, progress: bool = True, force: bool = False) -> dict:
-    "Run one stage of `run` unless it is done; records its wall time. Returns the stage's summary."
+    """Run one stage of `run` unless it is done; records its wall time. Returns the stage's summary.
+    Under `accelerate launch` the training stages (and the feature cache) run in every process; the others run in
+    the main process while the rest wait for its marker. Only the main process writes markers and timings."""
     if stage not in STAGE_FNS: raise ValueError(f"unknown stage {stage!r}; known: {list(STAGE_FNS)}")
-    done = run.marker(stage)
-    if force and done.exists(): done.unlink()
-    if done.exists():
+    rank, world = process_rank()
+    done, t0 = run.marker(stage), time.time()
+    if done.exists() and not force:
         return dict(json.loads(done.read_text()).get("summary", {}), resumed=True)
-    t0 = time.time()
-    info = STAGE_FNS[stage](run, progress=progress) or {}
+    if world > 1 and rank > 0 and stage not in SHARED_STAGES:
+        if stage != "report": _wait_for([done], newer_than=t0 if force else 0.0)
+        return dict(json.loads(done.read_text()).get("summary", {})) if done.exists() else {}
+    info = STAGE_FNS[stage](run, progress=progress and rank == 0) or {}
     secs = time.time() - t0
+    if world > 1 and stage == "features":  # every process encoded a share: the main one waits for all of them
+        part = run.root / "stages" / f".features.part{rank}.json"
+        _atomic_json(info, part)
+        if rank > 0:
+            _wait_for([done], newer_than=t0 if force else 0.0); return info
+        parts = [run.root / "stages" / f".features.part{r}.json" for r in range(world)]
+        _wait_for(parts, newer_than=t0)
+        shares = [json.loads(p.read_text()) for p in parts]
+        info = dict(videos=shares[0]["videos"], **{k: sum(s[k] for s in shares) for k in ("computed", "cached", "failed")})
+        for p in parts: p.unlink()
+    elif rank > 0:
+        return info
     if stage != "report":  # the report is always rebuilt from what the run holds
         _atomic_json(dict(stage=stage, seconds=round(secs, 2), summary=info,
                           finished=time.strftime("%Y-%m-%d %H:%M:%S")), done)
@@ -209,13 +243,16 @@ def run_stage(run: Run, stage: str, progress: bool = True, force: bool = False) 
 def run_pipeline(cfg: PipelineConfig, out_dir, stages=None, progress: bool = True, force=()) -> dict:
     "Run `stages` (default: `cfg.stages`) of `cfg` into `out_dir`; finished stages are skipped. Returns summaries."
     run = Run(cfg, out_dir)
-    (run.root / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    main = process_rank()[0] == 0
+    if main:
+        from vlm_rlaif.sft import _atomic_write_text
+        _atomic_write_text(run.root / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     results = {}
     for s in stages or cfg.stages:
-        if progress: print(f"== stage {s}", flush=True)
+        if progress and main: print(f"== stage {s}", flush=True)
         t0 = time.time()
         results[s] = run_stage(run, s, progress=progress, force=s in force)
-        if progress: print(f"== stage {s}: {time.time() - t0:.1f} s", flush=True)
+        if progress and main: print(f"== stage {s}: {time.time() - t0:.1f} s", flush=True)
     return results
 
 # %% ../nbs/10_pipeline.ipynb #fc380a99
