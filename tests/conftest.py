@@ -10,6 +10,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+from vlm_rlaif.model import TOY_LM_CONFIG
+
+# the smallest toy LM the training tests use (1 layer, width 32)
+TINY_LM = dict(TOY_LM_CONFIG, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+               num_key_value_heads=2)
+
 
 def launch_two_processes(script: str, cfg: dict, out, workdir, timeout: int = 280) -> subprocess.CompletedProcess:
     """Run `script` (Python source; argv: config JSON path, out dir) in 2 CPU processes with

@@ -2,16 +2,17 @@
 run, write DeepSpeed checkpoints, resume, save whole weights, and train like plain DDP (same weights). Under
 ZeRO-3, sampling gathers the weights once instead of fetching every layer for every token."""
 import json
+import math
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
-from conftest import launch_two_processes
+from conftest import TINY_LM, launch_two_processes
 from safetensors.torch import load_file
 
 from vlm_rlaif.data import save_records
 from vlm_rlaif.encoder import toy_encoder_config
-from vlm_rlaif.model import TOY_LM_CONFIG
 from vlm_rlaif.toyworld import ToyWorldConfig, make_dataset
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
@@ -63,31 +64,33 @@ SCRIPT = textwrap.dedent('''
         ids = torch.tensor([tok(text)["input_ids"]] * 2)
         from vlm_rlaif.encoder import EncoderConfig, FeatureCache
         feats = FeatureCache(c["ppo"]["features_dir"], EncoderConfig.from_dict(c["ppo"]["encoder"]))(c["video"])[None].repeat(2, 1, 1, 1)
-        def sample(m, n):
+        import time
+        seconds = {}
+        def sample(m, n, key=None):
             fetches[0] = 0
             torch.manual_seed(0)
+            t = time.perf_counter()
             new = m.generate(ids, torch.ones_like(ids), feats, max_new_tokens=n, do_sample=False, min_new_tokens=n)
+            if key: seconds[key] = time.perf_counter() - t
             return new.tolist(), fetches[0]
         plain = acc.unwrap_model(engine)
-        (t4, f4), (t8, f8) = sample(plain, 4), sample(plain, 8)
+        (t4, f4), (t8, f8) = sample(plain, 4), sample(plain, 32, "hooks_32")
         with generation_model(acc, engine) as m:
-            (g8, gf8) = sample(m, 8)
+            (g8, gf8) = sample(m, 32, "gathered_32")
             sample(m, 3 + 5 * state.process_index)  # ranks sampling different lengths must not wait for each other
-        (t8b, f8b) = sample(plain, 8)  # the hooks are back afterwards
-        report.update(fetches_4=f4, fetches_8=f8, fetches_gathered_8=gf8, fetches_after=f8b,
-                      same_tokens=(t8 == g8 == t8b))
+        (t8b, f8b) = sample(plain, 32)  # the hooks are back afterwards
+        report.update(fetches_4=f4, fetches_32=f8, fetches_gathered_32=gf8, fetches_after=f8b,
+                      same_tokens=(t8 == g8 == t8b), seconds=seconds)
     if state.is_main_process:
         (out / "report.json").write_text(json.dumps(report))
     acc.end_training()
 ''')
 
-TINY_LM = dict(TOY_LM_CONFIG, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-               num_key_value_heads=2)
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    "The same four stages three times: plain DDP, ZeRO-2 and ZeRO-3 (two CPU processes each)."
+    "The same four stages four times: plain DDP, ZeRO-2, ZeRO-3 and ZeRO-3 in bf16 (two CPU processes each)."
     from vlm_rlaif.reward import toy_preference_records
     root = tmp_path_factory.mktemp("ds")
     data = make_dataset(ToyWorldConfig(n_videos=8, seed=5), root / "data", progress=False)
@@ -108,12 +111,15 @@ def runs(tmp_path_factory):
         dpo=dict(common, train_file=str(root / "pairs_train.json"), val_file=str(root / "pairs_val.json"),
                  lora=dict(r=4, alpha=8, dropout=0.0), batch_size=2, lr=1e-3, max_steps=2, save_every=1),
     )
+    repo = Path(__file__).resolve().parents[1]
+    bf16 = json.loads((repo / "configs/deepspeed/zero3.json").read_text())
+    bf16.update(bf16={"enabled": True}, fp16={"enabled": False})  # DeepSpeed's CPU accelerator runs bf16 too
+    (root / "zero3_bf16.json").write_text(json.dumps(bf16))
     out = {}
-    for name, ds in (("ddp", None), ("zero2", "configs/deepspeed/zero2.json"), ("zero3", "configs/deepspeed/zero3.json")):
-        from pathlib import Path
-        repo = Path(__file__).resolve().parents[1]
+    for name, ds in (("ddp", None), ("zero2", repo / "configs/deepspeed/zero2.json"),
+                     ("zero3", repo / "configs/deepspeed/zero3.json"), ("zero3_bf16", root / "zero3_bf16.json")):
         work = root / name; work.mkdir()
-        launch_two_processes(SCRIPT, {**cfg, "deepspeed_config": ds and str(repo / ds)}, work / "out", work, timeout=400)
+        launch_two_processes(SCRIPT, {**cfg, "deepspeed_config": ds and str(ds)}, work / "out", work, timeout=400)
         out[name] = work / "out"
     return out
 
@@ -123,7 +129,7 @@ def _weights(d):
 
 
 def test_deepspeed_really_ran(runs):
-    for name in ("zero2", "zero3"):  # a DeepSpeed checkpoint, not accelerate's plain one (cpu=True drops DeepSpeed)
+    for name in ("zero2", "zero3", "zero3_bf16"):  # a DeepSpeed checkpoint, not accelerate's plain one (cpu=True drops DeepSpeed)
         ck = sorted((runs[name] / "sft" / "checkpoints").iterdir())[-1]
         assert (ck / "pytorch_model").is_dir(), sorted(p.name for p in ck.iterdir())
     ck = sorted((runs["ddp"] / "sft" / "checkpoints").iterdir())[-1]
@@ -141,13 +147,24 @@ def test_zero_trains_like_ddp(runs, stage, sub, atol):
     ref = _weights(runs["ddp"] / stage / sub)
     assert ref
     if sub == "policy": assert any(v.abs().sum() > 0 for k, v in ref.items() if "lora_B" in k)  # LoRA trained
-    for name in ("zero2", "zero3"):
+    for name in ("zero2", "zero3"):  # (fp32: bf16 is compared in test_bf16_under_zero3)
         got = _weights(runs[name] / stage / sub)
         assert got.keys() == ref.keys()
         for k, v in ref.items():
             assert got[k].shape == v.shape, (name, k)
             assert torch.allclose(got[k].float(), v.float(), atol=atol, rtol=0), (name, stage, k,
                                                                                      (got[k] - v).abs().max())
+
+
+def test_bf16_under_zero3(runs):
+    "DeepSpeed casts the trained module to bf16: every stage still runs, saves bf16 weights and follows fp32 closely."
+    for stage, sub in (("sft", "model"), ("ppo", "policy"), ("dpo", "policy")):
+        w = _weights(runs["zero3_bf16"] / stage / sub)
+        assert w and all(v.dtype == torch.bfloat16 for v in w.values()), stage
+    for stage in ("sft", "dpo"):
+        last = lambda n: json.loads((runs[n] / stage / "metrics.jsonl").read_text().splitlines()[-1])["loss"]
+        assert math.isfinite(last("zero3_bf16")) and abs(last("zero3_bf16") - last("zero3")) < 0.02, stage
+    assert json.loads((runs["zero3_bf16"] / "reward" / "eval.json").read_text())["n"] == 4
 
 
 def test_resume_under_deepspeed(runs):
@@ -159,6 +176,7 @@ def test_resume_under_deepspeed(runs):
 def test_zero3_generation_gathers_once(runs):
     r = json.loads((runs["zero3"] / "report.json").read_text())
     assert r["zero_stage"] == 3
-    assert r["fetches_8"] > r["fetches_4"] > 0  # with DeepSpeed's hooks every token fetches every layer again
-    assert r["fetches_gathered_8"] == 0  # gathered once for the block: no per-module fetches at all
-    assert r["fetches_after"] == r["fetches_8"] and r["same_tokens"]  # the hooks are back, the tokens the same
+    assert r["fetches_32"] > 4 * r["fetches_4"] > 0  # with DeepSpeed's hooks every token fetches every layer again
+    assert r["fetches_gathered_32"] == 0  # gathered once for the block: no per-module fetches at all
+    assert r["fetches_after"] == r["fetches_32"] and r["same_tokens"]  # the hooks are back, the tokens the same
+    print(json.dumps(r))  # (-s shows the fetch counts and sampling seconds)

@@ -15,14 +15,13 @@ import torch.nn.functional as F
 from vlm_rlaif.data import Collator, DataError, save_records
 from vlm_rlaif.dpo import DPOConfig, DPOPairDataset, answer_logps, dpo_loss, pair_logps, train_dpo
 from vlm_rlaif.encoder import FeatureCache, toy_encoder_config
-from vlm_rlaif.model import IGNORE_INDEX, TOY_LM_CONFIG, LoraSettings, ModelConfig, VideoLMM, build_model, train_toy_tokenizer
+from vlm_rlaif.model import IGNORE_INDEX, LoraSettings, ModelConfig, VideoLMM, build_model, train_toy_tokenizer
 from vlm_rlaif.ppo import load_policy
 from vlm_rlaif.toyworld import ToyWorldConfig, corpus_texts, make_dataset
+from conftest import TINY_LM
 
 torch.set_num_threads(1)
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
-TINY_LM = dict(TOY_LM_CONFIG, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-               num_key_value_heads=2)
 LORA = LoraSettings(r=4, alpha=8, dropout=0.0, train_projector=False)
 
 

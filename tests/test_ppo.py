@@ -13,16 +13,15 @@ import torch
 from safetensors.torch import load_file
 
 from vlm_rlaif.encoder import FeatureCache, toy_encoder_config
-from vlm_rlaif.model import TOY_LM_CONFIG, LoraSettings, ModelConfig, VideoLMM, build_model, train_toy_tokenizer
+from vlm_rlaif.model import LoraSettings, ModelConfig, VideoLMM, build_model, train_toy_tokenizer
 from vlm_rlaif.ppo import (KLController, PPOConfig, ValueHead, compute_advantages, gae, kl_estimate, load_policy,
                            place_scores, policy_loss, rm_prompt_ids, score_penalties, shape_rewards, train_ppo,
                            truncate_at_eos, value_loss, whiten)
 from vlm_rlaif.toyworld import ToyWorldConfig, corpus_texts, make_dataset
+from conftest import TINY_LM
 
 torch.set_num_threads(1)
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
-TINY_LM = dict(TOY_LM_CONFIG, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-               num_key_value_heads=2)
 
 
 # ---------------------------------------------------------------- pure pieces

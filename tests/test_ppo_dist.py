@@ -4,11 +4,11 @@ import os
 import textwrap
 
 import pytest
-from conftest import launch_two_processes
+from conftest import TINY_LM, launch_two_processes
 import torch
 
 from vlm_rlaif.encoder import toy_encoder_config
-from vlm_rlaif.model import TOY_LM_CONFIG, ModelConfig, build_model, train_toy_tokenizer
+from vlm_rlaif.model import ModelConfig, build_model, train_toy_tokenizer
 from vlm_rlaif.toyworld import ToyWorldConfig, corpus_texts, make_dataset
 
 SCRIPT = textwrap.dedent('''
@@ -33,8 +33,7 @@ def test_two_process_cpu_ppo(tmp_path):
     from vlm_rlaif.reward import RewardModel
     data = make_dataset(ToyWorldConfig(n_videos=8, seed=5), tmp_path / "data", progress=False)
     enc = toy_encoder_config()
-    lm = dict(TOY_LM_CONFIG, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-              num_key_value_heads=2)
+    lm = TINY_LM
     torch.manual_seed(0)
     build_model(ModelConfig(lm_config=lm, encoder=enc, lora=None),
                 train_toy_tokenizer(corpus_texts(data), vocab_size=300)).save_pretrained(tmp_path / "sft")

@@ -9,14 +9,13 @@ import pytest
 import torch
 
 from vlm_rlaif.encoder import toy_encoder_config
-from vlm_rlaif.model import TOY_LM_CONFIG, VideoLMM
+from vlm_rlaif.model import VideoLMM
 from vlm_rlaif.sft import (NonFiniteLossError, SFTConfig, check_finite, generate_answers, latest_checkpoint,
                            read_metrics, stage_done, train_sft)
 from vlm_rlaif.toyworld import ToyWorldConfig, make_dataset
+from conftest import TINY_LM
 
 torch.set_num_threads(1)
-TINY_LM = dict(TOY_LM_CONFIG, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-               num_key_value_heads=2)
 
 
 @pytest.fixture(scope="session")

@@ -4,10 +4,9 @@ import os
 import textwrap
 
 import pytest
-from conftest import launch_two_processes
+from conftest import TINY_LM, launch_two_processes
 
 from vlm_rlaif.encoder import toy_encoder_config
-from vlm_rlaif.model import TOY_LM_CONFIG
 from vlm_rlaif.toyworld import ToyWorldConfig, make_dataset
 
 SCRIPT = textwrap.dedent('''
@@ -29,8 +28,7 @@ SCRIPT = textwrap.dedent('''
 
 def test_two_process_cpu_sft(tmp_path):
     data = make_dataset(ToyWorldConfig(n_videos=8, seed=5), tmp_path / "data", progress=False)
-    lm = dict(TOY_LM_CONFIG, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-              num_key_value_heads=2)
+    lm = TINY_LM
     cfg = dict(data_dir=str(data), features_dir=str(tmp_path / "features"), tokenizer_vocab_size=300, batch_size=2,
                gradient_accumulation_steps=2, lr=1e-3, save_every=2, log_every=1, seed=0,
                model=dict(lm_config=lm, encoder=toy_encoder_config().to_dict(), lora=None))

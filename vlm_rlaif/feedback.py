@@ -517,32 +517,40 @@ def run_feedback(cfg: FeedbackConfig, out_dir, judge: GenerateFn | None = None,
     the SFT model's answer sampling (tests, oracles, API models); `agreement_judge` is the judge scored in
     `agreement.json` (default: `judge`, else the model judge)."""
     from vlm_rlaif.encoder import EncoderConfig, FeatureCache
+    from vlm_rlaif.sft import process_rank, wait_for_files
     out = Path(out_dir); out.mkdir(parents=True, exist_ok=True)
     if (out / "done.json").exists(): return out
+    rank, world = process_rank()  # under `accelerate launch` every process makes the pairs of its share of prompts
     conf = cfg.to_dict(); conf.pop("progress")
-    if (out / "config.json").exists() and json.loads((out / "config.json").read_text()) != conf:
-        raise ValueError(f"{out} holds a run with another FeedbackConfig; use a new directory")
-    _dump(conf, out / "config.json")
+    if rank == 0:
+        if (out / "config.json").exists() and json.loads((out / "config.json").read_text()) != conf:
+            raise ValueError(f"{out} holds a run with another FeedbackConfig; use a new directory")
+        _dump(conf, out / "config.json")
+    work = out if world == 1 else out / "shards" / f"{rank}-of-{world}"
+    work.mkdir(parents=True, exist_ok=True)
     enc = EncoderConfig.from_dict(cfg.encoder)
     features = FeatureCache(cfg.features_dir, enc)
     root = cfg.video_root or cfg.data_dir
-    device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    models = {}
+    local = int(os.environ.get("LOCAL_RANK", 0))
+    device = cfg.device or (f"cuda:{local}" if torch.cuda.is_available() else "cpu")
+    progress, models = cfg.progress and rank == 0, {}
 
     def load(d):
         if d not in models: models[d] = VideoLMM.from_pretrained(d).to(device)
         return models[d]
 
     def gen(model_dir, **kw):
-        return lambda: lmm_generator(load(model_dir), features, root, cfg.batch_size, progress=cfg.progress, **kw)
+        return lambda: lmm_generator(load(model_dir), features, root, cfg.batch_size, progress=progress, **kw)
 
-    records = select_prompts(cfg)
+    every = select_prompts(cfg)
+    share = list(range(rank, len(every), world))
+    records = [every[i] for i in share]
     sampler = sampler or (lambda s: gen(cfg.sft_model_dir, max_new_tokens=cfg.max_new_tokens, do_sample=True,
                                         temperature=cfg.temperature, seed=s, desc="candidates")())
-    cands = _phase(out / "candidates.json", lambda: dict(ids=[r["id"] for r in records],
-                                                         candidates=sample_candidates(sampler, records, 2, cfg.seed)))
-    if cands["ids"] != [r["id"] for r in records]: raise ValueError(f"{out}/candidates.json does not match the prompts")
-    ctx = _phase(out / "contexts.json", lambda: _contexts(
+    cands = _phase(work / "candidates.json", lambda: dict(ids=[r["id"] for r in records],
+                                                          candidates=sample_candidates(sampler, records, 2, cfg.seed + rank)))
+    if cands["ids"] != [r["id"] for r in records]: raise ValueError(f"{work}/candidates.json does not match the prompts")
+    ctx = _phase(work / "contexts.json", lambda: _contexts(
         cfg, records, gen(cfg.sft_model_dir, max_new_tokens=cfg.caption_max_new_tokens, resample=cfg.clip_resample,
                           desc="clip captions"), enc.n_frames))
     todo = [i for i, (a, b) in enumerate(cands["candidates"]) if a.strip() and b.strip() and a.strip() != b.strip()]
@@ -553,7 +561,7 @@ def run_feedback(cfg: FeedbackConfig, out_dir, judge: GenerateFn | None = None,
                           [cands["candidates"][i] for i in todo], [ctx[records[i]["video"]]["context"] for i in todo],
                           both_orders=cfg.both_orders, with_video=cfg.judge_with_video)
         return {str(i): r for i, r in zip(todo, res)}
-    judged = _phase(out / "judgments.json", judge_all)
+    judged = _phase(work / "judgments.json", judge_all)
 
     fp = Path(cfg.data_dir) / "facts.jsonl"
     facts = tw.load_facts(cfg.data_dir) if fp.exists() else {}
@@ -570,7 +578,17 @@ def run_feedback(cfg: FeedbackConfig, out_dir, judge: GenerateFn | None = None,
                    judge=dict(raw=j["raw"], verdicts=j["verdicts"]))
         rec.update({k: r[k] for k in ("video_id", "task", "target", "answer") if k in r})
         if r.get("video_id") in facts: rec["truth_preference"] = tw.prefer(facts[r["video_id"]], r, a, b)
-        rm.append(rec)
+        rm.append((share[i], rec))
+    if world > 1:  # the main process merges every share (in prompt order); the others wait for the result
+        _dump(dict(rm=rm, stats=stats), work / "part.json")
+        if rank > 0:
+            wait_for_files([out / "done.json"]); return out
+        files = [out / "shards" / f"{r}-of-{world}" / "part.json" for r in range(world)]
+        wait_for_files(files)
+        parts = [json.loads(f.read_text()) for f in files]
+        rm = [x for part in parts for x in part["rm"]]
+        stats = {k: sum(part["stats"][k] for part in parts) for k in stats}
+    rm = [rec for _, rec in sorted(rm, key=lambda x: x[0])]
     rng = np.random.default_rng([cfg.seed, 62])
     perm = rng.permutation(len(rm)).tolist()
     n_val = round(cfg.val_fraction * len(rm)) if cfg.val_fraction is not None else min(cfg.val_count, len(rm) // 5)

@@ -16,7 +16,7 @@ import yaml
 # %% auto #0
 __all__ = ['STAGES', 'SHARED_STAGES', 'FEEDBACK_JUDGES', 'SYSTEMS', 'STAGE_CONFIGS', 'REPORT_SECTIONS', 'STAGE_FNS',
            'PipelineConfig', 'yaml_load', 'apply_overrides', 'load_config', 'Run', 'stage_toyworld', 'stage_tower',
-           'dataset_videos', 'stage_features', 'process_rank', 'run_stage', 'run_pipeline', 'sft_config', 'stage_sft',
+           'dataset_videos', 'stage_features', 'run_stage', 'run_pipeline', 'sft_config', 'stage_sft',
            'feedback_config', 'stage_feedback', 'reward_config', 'stage_reward', 'ppo_config', 'stage_ppo',
            'dpo_config', 'stage_dpo', 'eval_config', 'stage_eval', 'build_report', 'stage_report', 'paired_differences',
            'check_config']
@@ -188,36 +188,28 @@ def dataset_videos(data_dir) -> list[Path]:
 def stage_features(run: Run, progress: bool = True) -> dict:
     """Compute the frozen-tower features of every video once (cached; corrupt videos are skipped and counted); under
     `accelerate launch` every process encodes its share of the videos."""
+    from vlm_rlaif.sft import process_rank
     videos = dataset_videos(run.data_dir)
     rank, world = process_rank()
     st = run.features().precompute(videos, on_error="skip", progress=progress and rank == 0, rank=rank, world_size=world)
     return dict(videos=len(videos), computed=st["computed"], cached=st["cached"], failed=len(st["failed"]))
 
 # %% ../nbs/10_pipeline.ipynb #b15c644a
-SHARED_STAGES = ("features", "sft", "reward", "ppo", "dpo")  # run by every process of an `accelerate launch`
-
-
-def process_rank() -> tuple[int, int]:
-    "(rank, world size) of this process under `accelerate launch` / torchrun; (0, 1) otherwise."
-    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-
-
-def _wait_for(paths, newer_than: float = 0.0, poll: float = 1.0):
-    "Block until every file of `paths` exists (and is newer than `newer_than`): how processes wait for the main one."
-    while not all(p.exists() and p.stat().st_mtime >= newer_than for p in paths): time.sleep(poll)
+SHARED_STAGES = ("features", "sft", "feedback", "reward", "ppo", "dpo")  # run by every process of an `accelerate launch`
 
 
 def run_stage(run: Run, stage: str, progress: bool = True, force: bool = False) -> dict:
     """Run one stage of `run` unless it is done; records its wall time. Returns the stage's summary.
     Under `accelerate launch` the training stages (and the feature cache) run in every process; the others run in
     the main process while the rest wait for its marker. Only the main process writes markers and timings."""
+    from vlm_rlaif.sft import process_rank, wait_for_files
     if stage not in STAGE_FNS: raise ValueError(f"unknown stage {stage!r}; known: {list(STAGE_FNS)}")
     rank, world = process_rank()
     done, t0 = run.marker(stage), time.time()
     if done.exists() and not force:
         return dict(json.loads(done.read_text()).get("summary", {}), resumed=True)
     if world > 1 and rank > 0 and stage not in SHARED_STAGES:
-        if stage != "report": _wait_for([done], newer_than=t0 if force else 0.0)
+        if stage != "report": wait_for_files([done], newer_than=t0 if force else 0.0)
         return dict(json.loads(done.read_text()).get("summary", {})) if done.exists() else {}
     info = STAGE_FNS[stage](run, progress=progress and rank == 0) or {}
     secs = time.time() - t0
@@ -225,9 +217,9 @@ def run_stage(run: Run, stage: str, progress: bool = True, force: bool = False) 
         part = run.root / "stages" / f".features.part{rank}.json"
         _atomic_json(info, part)
         if rank > 0:
-            _wait_for([done], newer_than=t0 if force else 0.0); return info
+            wait_for_files([done], newer_than=t0 if force else 0.0); return info
         parts = [run.root / "stages" / f".features.part{r}.json" for r in range(world)]
-        _wait_for(parts, newer_than=t0)
+        wait_for_files(parts, newer_than=t0)
         shares = [json.loads(p.read_text()) for p in parts]
         info = dict(videos=shares[0]["videos"], **{k: sum(s[k] for s in shares) for k in ("computed", "cached", "failed")})
         for p in parts: p.unlink()
@@ -243,6 +235,7 @@ def run_stage(run: Run, stage: str, progress: bool = True, force: bool = False) 
 def run_pipeline(cfg: PipelineConfig, out_dir, stages=None, progress: bool = True, force=()) -> dict:
     "Run `stages` (default: `cfg.stages`) of `cfg` into `out_dir`; finished stages are skipped. Returns summaries."
     run = Run(cfg, out_dir)
+    from vlm_rlaif.sft import process_rank
     main = process_rank()[0] == 0
     if main:
         from vlm_rlaif.sft import _atomic_write_text
@@ -348,8 +341,9 @@ def stage_feedback(run: Run, progress: bool = True) -> dict:
     if (run.cfg.feedback or {}).get("judge", "model") == "oracle":
         from vlm_rlaif.model import VideoLMM
         from vlm_rlaif.toyworld import load_facts
+        from vlm_rlaif.sft import process_rank
         judge = truth_judge(load_facts(run.data_dir), json.loads((run.data_dir / cfg.prompts_file).read_text()))
-        if cfg.agreement_pairs:
+        if cfg.agreement_pairs and process_rank()[0] == 0:  # measured by the main process only
             sft = VideoLMM.from_pretrained(cfg.sft_model_dir).eval()
             agreement_judge = lmm_generator(sft, run.features(), run.data_dir, cfg.batch_size,
                                             max_new_tokens=cfg.judge_max_new_tokens, resample=cfg.clip_resample,

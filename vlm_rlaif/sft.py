@@ -29,9 +29,9 @@ from .model import IMAGE_TOKEN, video_question
 __all__ = ['CKPT_PREFIX', 'TRAINER_STATE', 'DONE_FILE', 'SCHEDULES', 'CRITERIA', 'resolve_mixed_precision',
            'deepspeed_config_dict', 'make_accelerator', 'NonFiniteLossError', 'check_finite', 'MetricLogger',
            'read_metrics', 'latest_checkpoint', 'save_checkpoint', 'load_checkpoint', 'stage_done', 'mark_done',
-           'zero_stage', 'gathered_params', 'generation_model', 'RunLockedError', 'run_lock', 'generate_answers',
-           'SFTConfig', 'load_sft_records', 'sft_stages', 'EpochSampler', 'record_texts', 'build_sft_model',
-           'stagewise_cosine', 'train_sft', 'chance_answers', 'score_sft']
+           'zero_stage', 'gathered_params', 'generation_model', 'process_rank', 'wait_for_files', 'RunLockedError',
+           'run_lock', 'generate_answers', 'SFTConfig', 'load_sft_records', 'sft_stages', 'EpochSampler',
+           'record_texts', 'build_sft_model', 'stagewise_cosine', 'train_sft', 'chance_answers', 'score_sft']
 
 # %% ../nbs/05_sft.ipynb #f3427d16
 def resolve_mixed_precision(mixed_precision: str = "auto") -> str:
@@ -308,6 +308,17 @@ def generation_model(accelerator, model):
             yield accelerator.unwrap_model(model)
     finally:
         del coordinator.reset_step
+
+# %% ../nbs/05_sft.ipynb #37bb9b9b
+def process_rank() -> tuple[int, int]:
+    "(rank, world size) of this process under `accelerate launch` / torchrun; (0, 1) otherwise."
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+def wait_for_files(paths, newer_than: float = 0.0, poll: float = 1.0):
+    "Block until every file of `paths` exists (modified at or after `newer_than`): how processes meet without a process group."
+    paths = [Path(p) for p in paths]
+    while not all(p.exists() and p.stat().st_mtime >= newer_than for p in paths): time.sleep(poll)
 
 # %% ../nbs/05_sft.ipynb #9dbf4251
 class RunLockedError(RuntimeError):
