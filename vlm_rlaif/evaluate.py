@@ -714,7 +714,7 @@ def model_answerer(cfg: EvalConfig) -> Callable[[list[dict]], list[str]]:
     from vlm_rlaif.sft import generate_answers
     if not cfg.model_dir or not cfg.features_dir: raise ValueError("EvalConfig: answering with a model needs model_dir and features_dir")
     model = VideoLMM.from_pretrained(cfg.model_dir)
-    if torch.cuda.is_available(): model = model.to("cuda")
+    if torch.cuda.is_available(): model = model.to(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}")  # a GPU per process
     enc = EncoderConfig.from_dict(cfg.encoder) if cfg.encoder else model.cfg.encoder
     features = FeatureCache(cfg.features_dir, enc)
     return lambda recs: generate_answers(model, recs, features, root=None, batch_size=cfg.batch_size,
@@ -724,24 +724,43 @@ def model_answerer(cfg: EvalConfig) -> Callable[[list[dict]], list[str]]:
 
 def evaluate_model(cfg: EvalConfig, out_dir, answer_fn: Callable | None = None, judge: Judge | None = None) -> Path:
     """Answer the benchmark's questions with the model (or `answer_fn(records) -> answers`), judge them (or with
-    `judge`), and write predictions.jsonl, judgements.jsonl, scores.json, done.json into `out_dir` (resumable)."""
+    `judge`), and write predictions.jsonl, judgements.jsonl, scores.json, done.json into `out_dir` (resumable).
+    Under `accelerate launch` every process answers its share of the questions; the main process merges the
+    answers and judges them while the others wait for `done.json`."""
+    from vlm_rlaif.sft import process_rank, wait_for_files
     out = Path(out_dir)
     if (out / "done.json").exists(): return out
     out.mkdir(parents=True, exist_ok=True)
+    rank, world = process_rank()
     conf = cfg.to_dict()
     if (out / "config.json").exists():
         old = json.loads((out / "config.json").read_text())
         diff = sorted(k for k in set(old) | set(conf) if _fingerprint(k, old.get(k)) != _fingerprint(k, conf.get(k)))
         if diff: raise ValueError(f"{out} holds a run with another config (differs in {diff}); use a new out_dir")
-    _write_json(conf, out / "config.json")
+    if rank == 0: _write_json(conf, out / "config.json")
     t0, items = time.time(), load_benchmark(cfg)
     if not items: raise BenchmarkError(f"benchmark {cfg.benchmark!r} has no items")
     root = cfg.video_dir or cfg.data_dir
     done = {r["id"] for r in read_jsonl(out / "predictions.jsonl")}
-    if answer_fn is None and any(x["id"] not in done for x in items):
+    todo = [x for x in items if x["id"] not in done][rank::world]
+    if answer_fn is None and todo:
         for x in items: resolve_video(x["video"], root)  # every video exists before the model is loaded
         answer_fn = model_answerer(cfg)
-    preds = predict(items, answer_fn, out / "predictions.jsonl", cfg.batch_size, root, cfg.progress)
+    progress = cfg.progress and rank == 0
+    if world > 1:  # answer this process's share into its own file, then meet the others through files
+        share = out / f"predictions.{rank}-of-{world}.jsonl"
+        predict(todo, answer_fn, share, cfg.batch_size, root, progress)
+        _write_json({"answered": len(todo)}, share.with_suffix(".done"))
+        if rank > 0:
+            wait_for_files([out / "done.json"]); return out
+        shares = [out / f"predictions.{r}-of-{world}.jsonl" for r in range(world)]
+        wait_for_files([s.with_suffix(".done") for s in shares])
+        _append_jsonl(out / "predictions.jsonl", [row for s in shares for row in read_jsonl(s) if row["id"] not in done])
+        for s in shares: s.unlink(); s.with_suffix(".done").unlink()
+
+        def answer_fn(recs):  # the merged file holds every answer: nothing is left to generate
+            raise RuntimeError(f"{len(recs)} questions were not answered by any process")
+    preds = predict(items, answer_fn, out / "predictions.jsonl", cfg.batch_size, root, progress)
     judge = judge or make_judge(cfg.judge_kind, cfg.judge_settings, cfg.data_dir, cfg.truncate_scores)
     rows = judge_all(items, preds, judge, out / "judgements.jsonl", cfg.judge_batch_size, cfg.rejudge_failed, cfg.progress)
     scores = dict(aggregate(items, rows), benchmark=cfg.benchmark, split=cfg.split if cfg.benchmark == "toy" else None,

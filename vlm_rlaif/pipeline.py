@@ -195,7 +195,7 @@ def stage_features(run: Run, progress: bool = True) -> dict:
     return dict(videos=len(videos), computed=st["computed"], cached=st["cached"], failed=len(st["failed"]))
 
 # %% ../nbs/10_pipeline.ipynb #b15c644a
-SHARED_STAGES = ("features", "sft", "feedback", "reward", "ppo", "dpo")  # run by every process of an `accelerate launch`
+SHARED_STAGES = ("features", "sft", "feedback", "reward", "ppo", "dpo", "eval")  # run by every process of an `accelerate launch`
 
 
 def run_stage(run: Run, stage: str, progress: bool = True, force: bool = False) -> dict:
