@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -18,7 +18,8 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
-from .data import Collator, DataError, load_records, media_path, tokenize_conversations, validate_record
+from .config import Config
+from .data import Collator, load_records, media_path, tokenize_conversations, validate_record
 from .encoder import EncoderConfig, FeatureCache
 from .model import IGNORE_INDEX, LoraSettings, VideoLMM, expand_image_tokens
 from .ppo import load_policy
@@ -28,7 +29,7 @@ __all__ = ['DPOConfig', 'dpo_loss', 'DPOPairDataset', 'answer_logps', 'pair_logp
 
 # %% ../nbs/08b_dpo.ipynb #96df2e70
 @dataclass
-class DPOConfig:
+class DPOConfig(Config):
     "DPO baseline: input paths and hyper-parameters (beta: TRL's default; optimisation as close to PPO's as fits)."
     sft_model_dir: str = ""  # VideoLMM dir of the SFT model (policy start and reference)
     train_file: str = ""  # RM-format preference records (conversations, video, output_1/2, preference)
@@ -62,14 +63,6 @@ class DPOConfig:
         if self.beta <= 0: raise ValueError(f"DPOConfig.beta must be > 0, got {self.beta}")
         if not 0 <= self.label_smoothing < 0.5:
             raise ValueError(f"DPOConfig.label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
-
-    def to_dict(self) -> dict: return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> DPOConfig:
-        unknown = set(d) - {f.name for f in fields(cls)}
-        if unknown: raise ValueError(f"DPOConfig: unknown keys {sorted(unknown)}")
-        return cls(**d)
 
 # %% ../nbs/08b_dpo.ipynb #868764af
 def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_chosen: torch.Tensor,
@@ -171,8 +164,8 @@ def train_dpo(cfg: DPOConfig, out_dir, policy: VideoLMM | None = None) -> Path:
     when done."""
     from transformers import get_scheduler
     from vlm_rlaif.sft import EpochSampler
-    from vlm_rlaif.sft import (MetricLogger, check_finite, gathered_params, generation_model, latest_checkpoint,
-                               load_checkpoint, make_accelerator, mark_done, save_checkpoint, stage_done)
+    from vlm_rlaif.sft import (MetricLogger, check_finite, generation_model, latest_checkpoint, load_checkpoint,
+                               make_accelerator, mark_done, save_checkpoint, stage_done)
     out = Path(out_dir)
     if stage_done(out): return out
     acc = make_accelerator(cfg.mixed_precision, cfg.gradient_accumulation_steps, cfg.deepspeed_config, seed=cfg.seed,

@@ -12,7 +12,7 @@ import tempfile
 import warnings
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +27,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
+from .config import Config
 from .frames import VideoError, list_frame_images, load_frames
 
 # %% auto #0
@@ -48,7 +49,7 @@ def block_index(select_layer: int, n_layers: int) -> int:
 def _pair(x) -> tuple[int, int]: return (int(x), int(x)) if isinstance(x, (int, float)) else (int(x[0]), int(x[1]))
 
 @dataclass
-class EncoderConfig:
+class EncoderConfig(Config):
     "Which frozen vision tower makes the video features, and how many frames it sees. Defaults: the paper's."
     model_name: str = "ViT-L-14-336"  # open_clip architecture (ignored when `tiny` is set)
     pretrained: str | None = "openai"  # open_clip tag, local checkpoint file, or None (seeded random init)
@@ -93,13 +94,6 @@ class EncoderConfig:
     @property
     def num_visual_tokens(self) -> int: return num_visual_tokens(self.n_frames, self.num_patches)
 
-    def to_dict(self) -> dict: return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> EncoderConfig:
-        unknown = set(d) - {f.name for f in fields(cls)}
-        if unknown: raise ValueError(f"EncoderConfig: unknown keys {sorted(unknown)}")
-        return cls(**d)
 
     def fingerprint(self) -> str:
         "Short hash of everything that changes the features (a local checkpoint counts by path, size and mtime)."

@@ -17,12 +17,13 @@ import time
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
 from tqdm.auto import tqdm
 
+from .config import Config
 from . import toyworld as tw
 
 # %% auto #0
@@ -613,7 +614,7 @@ _VIDEO_PATTERN = {"msvd": "{video}", "msrvtt": "video{video}", "qa": "{video}", 
 
 
 @dataclass
-class EvalConfig:
+class EvalConfig(Config):
     "Evaluate a VideoLMM on a benchmark with a judge. Defaults: the paper's (Video-ChatGPT prompts, GPT-3.5 judge)."
     model_dir: str | None = None        # a VideoLMM save_pretrained dir (SFT model, PPO policy, ...)
     data_dir: str | None = None         # the toy dataset (benchmark 'toy'); default root of relative video paths
@@ -653,18 +654,10 @@ class EvalConfig:
             raise ValueError(f"EvalConfig: benchmark 'vcgbench' needs annotations from {list(BENCHMARKS['vcgbench'])}")
         for k in ("batch_size", "judge_batch_size", "max_new_tokens"):
             if getattr(self, k) < 1: raise ValueError(f"EvalConfig.{k} must be >= 1, got {getattr(self, k)}")
-        if self.max_items is not None and self.max_items < 1: raise ValueError(f"EvalConfig.max_items must be >= 1 or None")
+        if self.max_items is not None and self.max_items < 1: raise ValueError(f"EvalConfig.max_items must be >= 1 or None, got {self.max_items}")
 
     @property
     def judge_kind(self) -> str: return ("toy" if self.benchmark == "toy" else "openai") if self.judge == "auto" else self.judge
-
-    def to_dict(self) -> dict: return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> EvalConfig:
-        unknown = set(d) - {f.name for f in fields(cls)}
-        if unknown: raise ValueError(f"EvalConfig: unknown keys {sorted(unknown)}")
-        return cls(**d)
 
 # %% ../nbs/09_eval.ipynb #b8e542da
 def load_benchmark(cfg: EvalConfig) -> list[dict]:

@@ -9,7 +9,7 @@ import json
 import os
 import re
 import tempfile
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from .config import Config
 from . import toyworld as tw
 from .data import load_records, media_path, save_records
 from .frames import sample_indices
@@ -419,7 +420,7 @@ CONTEXT_MODES = ("captions", "truth", "none")
 
 
 @dataclass
-class FeedbackConfig:
+class FeedbackConfig(Config):
     "Preference generation: paths in, the paper's settings as defaults."
     sft_model_dir: str = ""             # VideoLMM directory of the SFT model (samples, captions, and judges)
     data_dir: str = ""                  # prompts (and, in the toy world, facts.jsonl)
@@ -455,14 +456,6 @@ class FeedbackConfig:
         if self.val_fraction is not None and not 0 <= self.val_fraction < 1:
             raise ValueError(f"FeedbackConfig.val_fraction must be in [0, 1), got {self.val_fraction}")
         if self.n_clips < 1 or self.max_clip_frames < 1: raise ValueError("FeedbackConfig: n_clips and max_clip_frames must be >= 1")
-
-    def to_dict(self) -> dict: return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> FeedbackConfig:
-        unknown = set(d) - {f.name for f in fields(cls)}
-        if unknown: raise ValueError(f"FeedbackConfig: unknown keys {sorted(unknown)}")
-        return cls(**d)
 
 # %% ../nbs/06_feedback.ipynb #15f15ad9
 def _dump(obj, path: Path):

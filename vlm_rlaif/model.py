@@ -10,7 +10,7 @@ import os
 import re
 import shutil
 import tempfile
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -18,6 +18,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
 
+from .config import Config
 from .encoder import EncoderConfig, num_visual_tokens, spatio_temporal_pool
 
 # %% auto #0
@@ -171,7 +172,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 
 @dataclass
-class ModelConfig:
+class ModelConfig(Config):
     "What to build: LM (path or toy config), projector, pooling order, vision encoder, LoRA, dtype."
     lm_name_or_path: str | None = None  # any HF causal LM (local dir or hub id)
     lm_config: dict | None = None  # or: kwargs of a fresh LlamaConfig (key 'model_type' picks another family)
@@ -199,15 +200,6 @@ class ModelConfig:
 
     @property
     def torch_dtype(self) -> torch.dtype: return DTYPES[self.dtype]
-
-    def to_dict(self) -> dict: return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> ModelConfig:
-        unknown = set(d) - {f.name for f in fields(cls)}
-        if unknown:
-            raise ValueError(f"ModelConfig: unknown keys {sorted(unknown)}")
-        return cls(**d)
 
 # %% ../nbs/03_model.ipynb #78d849d1
 def prepare_tokenizer_and_embeddings(tokenizer, lm) -> int:

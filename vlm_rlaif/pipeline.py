@@ -8,10 +8,12 @@ from __future__ import annotations
 import json
 import os
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
+
+from .config import Config
 
 # %% auto #0
 __all__ = ['STAGES', 'SHARED_STAGES', 'FEEDBACK_JUDGES', 'SYSTEMS', 'STAGE_CONFIGS', 'REPORT_SECTIONS', 'STAGE_FNS',
@@ -26,7 +28,7 @@ STAGES = ("toyworld", "tower", "features", "sft", "feedback", "reward", "ppo", "
 
 
 @dataclass
-class PipelineConfig:
+class PipelineConfig(Config):
     "The whole run: one section per stage (validated by that stage's config class) plus the shared model/encoder."
     name: str = "run"
     toyworld: dict | None = field(default_factory=dict)  # ToyWorldConfig overrides; None: use `data_dir`
@@ -47,14 +49,6 @@ class PipelineConfig:
         if bad: raise ValueError(f"PipelineConfig.stages: unknown {bad}; known: {list(STAGES)}")
         if self.toyworld is None and not self.data_dir:
             raise ValueError("PipelineConfig: set `toyworld` (render the toy world) or `data_dir` (existing data)")
-
-    @classmethod
-    def from_dict(cls, d: dict, source: str = "config") -> PipelineConfig:
-        unknown = set(d) - {f.name for f in fields(cls)}
-        if unknown: raise ValueError(f"{source}: unknown keys {sorted(unknown)}; known: {[f.name for f in fields(cls)]}")
-        return cls(**d)
-
-    def to_dict(self) -> dict: return asdict(self)
 
 # %% ../nbs/10_pipeline.ipynb #287094ac
 import re

@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -19,6 +19,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
+from .config import Config
 from .data import PromptDataset, Collator, load_records
 from .encoder import EncoderConfig, FeatureCache
 from .model import LoraSettings, VideoLMM, add_lora
@@ -35,7 +36,7 @@ PLACEMENTS = ("last_token", "last_slot")
 
 
 @dataclass
-class PPOConfig:
+class PPOConfig(Config):
     "PPO stage: input paths and hyper-parameters (defaults: the paper's PPO settings)."
     sft_model_dir: str = ""  # VideoLMM dir of the SFT (policy-init) model; its weights are also the reference
     reward_model_dir: str = ""  # RewardModel dir (frozen; its backbone also carries the value head)
@@ -101,14 +102,6 @@ class PPOConfig:
         for k in ("rollout_batch_size", "generation_batch_size", "minibatch_size", "ppo_epochs", "max_new_tokens"):
             if int(getattr(self, k)) < 1: raise ValueError(f"PPOConfig.{k} must be >= 1, got {getattr(self, k)}")
         if self.temperature <= 0: raise ValueError(f"PPOConfig.temperature must be > 0, got {self.temperature}")
-
-    def to_dict(self) -> dict: return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> PPOConfig:
-        unknown = set(d) - {f.name for f in fields(cls)}
-        if unknown: raise ValueError(f"PPOConfig: unknown keys {sorted(unknown)}")
-        return cls(**d)
 
 # %% ../nbs/08_ppo.ipynb #80a11f9a
 def truncate_at_eos(responses: torch.Tensor, eos_token_id: int, pad_token_id: int) -> dict:

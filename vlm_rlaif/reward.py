@@ -12,7 +12,7 @@ import random
 import re
 import shutil
 import tempfile
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +22,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
+from .config import Config
 from .data import Collator, PairwiseDataset, load_records
 from .encoder import EncoderConfig, FeatureCache
 from .model import LoraSettings, VideoLMM, _is_peft, _replace_dir, add_lora
@@ -288,7 +289,7 @@ def noisy_labels(records, flip_rate: float, seed: int = 0) -> list[dict]:
 
 # %% ../nbs/07_reward.ipynb #9f1f6290
 @dataclass
-class RewardConfig:
+class RewardConfig(Config):
     "Reward-model training: inputs and hyper-parameters (defaults: the paper's / the seed's where they give one)."
     sft_model_dir: str | None = None  # VideoLMM directory of the SFT model
     train_file: str | None = None     # RM records (.json/.jsonl): conversations, video, output_1/2, preference[, context]
@@ -332,14 +333,6 @@ class RewardConfig:
             if int(getattr(self, k)) < 1: raise ValueError(f"RewardConfig.{k} must be >= 1, got {getattr(self, k)}")
         if self.lr <= 0: raise ValueError(f"RewardConfig.lr must be > 0, got {self.lr}")
         rm_prompt(self.use_context, self.reward_prompt)  # validates the prompt / context combination
-
-    def to_dict(self) -> dict: return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> RewardConfig:
-        unknown = set(d) - {f.name for f in fields(cls)}
-        if unknown: raise ValueError(f"RewardConfig: unknown keys {sorted(unknown)}")
-        return cls(**d)
 
 # %% ../nbs/07_reward.ipynb #eaa58d35
 def pair_rewards(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:

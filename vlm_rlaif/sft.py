@@ -8,13 +8,12 @@ from __future__ import annotations
 import json
 import math
 import os
-import random
 import shutil
 import tempfile
 import time
 import warnings
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -22,6 +21,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from .config import Config
 from .data import Collator, PromptDataset, VideoInstructDataset, curriculum_split, load_records
 from .model import IMAGE_TOKEN, video_question
 
@@ -420,7 +420,7 @@ SCHEDULES = ("per_stage", "joint")
 
 
 @dataclass
-class SFTConfig:
+class SFTConfig(Config):
     "Curriculum SFT settings. Defaults: the paper's (LoRA r=32 alpha=32 via `model['lora']`, lr 1e-4, 1 epoch per stage)."
     data_dir: str | None = None  # train_files / extra_records / videos are relative to it
     train_files: list = field(default_factory=lambda: ["train_sft.json"])  # SFT record files (.json / .jsonl)
@@ -470,14 +470,6 @@ class SFTConfig:
         if self.lr <= 0: raise ValueError(f"SFTConfig.lr must be > 0, got {self.lr}")
         if self.mixed_precision not in ("auto", "no", "bf16", "fp16", "fp8"):
             raise ValueError(f"SFTConfig.mixed_precision must be 'auto', 'no', 'bf16', 'fp16' or 'fp8', got {self.mixed_precision!r}")
-
-    def to_dict(self) -> dict: return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> SFTConfig:
-        unknown = set(d) - {f.name for f in fields(cls)}
-        if unknown: raise ValueError(f"SFTConfig: unknown keys {sorted(unknown)}")
-        return cls(**d)
 
 # %% ../nbs/05_sft.ipynb #fd43a841
 def _resolve(path, base) -> Path:
