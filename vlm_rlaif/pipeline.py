@@ -19,9 +19,9 @@ from .config import Config
 __all__ = ['STAGES', 'SHARED_STAGES', 'FEEDBACK_JUDGES', 'SYSTEMS', 'STAGE_CONFIGS', 'REPORT_SECTIONS', 'STAGE_FNS',
            'PipelineConfig', 'yaml_load', 'apply_overrides', 'load_config', 'Run', 'stage_toyworld', 'stage_tower',
            'dataset_videos', 'stage_features', 'run_stage', 'run_pipeline', 'sft_config', 'stage_sft',
-           'feedback_config', 'stage_feedback', 'reward_config', 'stage_reward', 'ppo_config', 'stage_ppo',
-           'dpo_config', 'stage_dpo', 'eval_config', 'stage_eval', 'build_report', 'stage_report', 'paired_differences',
-           'check_config']
+           'feedback_config', 'stage_feedback', 'preference_inputs', 'reward_config', 'stage_reward', 'ppo_config',
+           'stage_ppo', 'dpo_config', 'stage_dpo', 'eval_config', 'stage_eval', 'build_report', 'stage_report',
+           'paired_differences', 'check_config']
 
 # %% ../nbs/10_pipeline.ipynb #705fe082
 STAGES = ("toyworld", "tower", "features", "sft", "feedback", "reward", "ppo", "dpo", "eval", "report")
@@ -347,13 +347,17 @@ def stage_feedback(run: Run, progress: bool = True) -> dict:
     return {k: st.get(k) for k in ("generated", "kept", "inconsistent", "unparsable", "n_train", "n_val", "agreement")}
 
 
+def preference_inputs(run: Run) -> dict:
+    "What the reward model and DPO both start from: the SFT model, the AI-feedback pairs and the features."
+    fb = run.dir("feedback")
+    return dict(sft_model_dir=str(run.dir("sft") / "model"), train_file=str(fb / "rm_train.json"),
+                val_file=str(fb / "rm_val.json"), data_root=str(run.data_dir), features_dir=str(run.features_dir),
+                encoder=run.encoder_dict())
+
+
 def reward_config(run: Run):
     from vlm_rlaif.reward import RewardConfig
-    fb = run.dir("feedback")
-    return RewardConfig.from_dict(_section(run, "reward", sft_model_dir=str(run.dir("sft") / "model"),
-                                           train_file=str(fb / "rm_train.json"), val_file=str(fb / "rm_val.json"),
-                                           data_root=str(run.data_dir), features_dir=str(run.features_dir),
-                                           encoder=run.encoder_dict()))
+    return RewardConfig.from_dict(_section(run, "reward", **preference_inputs(run)))
 
 
 def stage_reward(run: Run, progress: bool = True) -> dict:
@@ -383,11 +387,7 @@ def stage_ppo(run: Run, progress: bool = True) -> dict:
 
 def dpo_config(run: Run):
     from vlm_rlaif.dpo import DPOConfig
-    fb = run.dir("feedback")
-    return DPOConfig.from_dict(_section(run, "dpo", sft_model_dir=str(run.dir("sft") / "model"),
-                                        train_file=str(fb / "rm_train.json"), val_file=str(fb / "rm_val.json"),
-                                        data_root=str(run.data_dir), features_dir=str(run.features_dir),
-                                        encoder=run.encoder_dict()))
+    return DPOConfig.from_dict(_section(run, "dpo", **preference_inputs(run)))
 
 
 def stage_dpo(run: Run, progress: bool = True) -> dict:
