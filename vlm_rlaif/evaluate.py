@@ -701,13 +701,11 @@ def _fingerprint(key, value):
 
 def model_answerer(cfg: EvalConfig) -> Callable[[list[dict]], list[str]]:
     "answer_fn of `cfg.model_dir`'s VideoLMM: `sft.generate_answers` on FeatureCache features (greedy by default)."
-    import torch
     from vlm_rlaif.encoder import EncoderConfig, FeatureCache
     from vlm_rlaif.model import VideoLMM
-    from vlm_rlaif.sft import generate_answers
+    from vlm_rlaif.sft import generate_answers, process_device
     if not cfg.model_dir or not cfg.features_dir: raise ValueError("EvalConfig: answering with a model needs model_dir and features_dir")
-    model = VideoLMM.from_pretrained(cfg.model_dir)
-    if torch.cuda.is_available(): model = model.to(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}")  # a GPU per process
+    model = VideoLMM.from_pretrained(cfg.model_dir).to(process_device())  # under `accelerate launch`: its own GPU
     enc = EncoderConfig.from_dict(cfg.encoder) if cfg.encoder else model.cfg.encoder
     features = FeatureCache(cfg.features_dir, enc)
     return lambda recs: generate_answers(model, recs, features, root=None, batch_size=cfg.batch_size,
@@ -720,7 +718,7 @@ def evaluate_model(cfg: EvalConfig, out_dir, answer_fn: Callable | None = None, 
     `judge`), and write predictions.jsonl, judgements.jsonl, scores.json, done.json into `out_dir` (resumable).
     Under `accelerate launch` every process answers its share of the questions; the main process merges the
     answers and judges them while the others wait for `done.json`."""
-    from vlm_rlaif.sft import process_rank, wait_for_files
+    from vlm_rlaif.sft import merge_shares, process_rank
     out = Path(out_dir)
     if (out / "done.json").exists(): return out
     out.mkdir(parents=True, exist_ok=True)
@@ -740,16 +738,13 @@ def evaluate_model(cfg: EvalConfig, out_dir, answer_fn: Callable | None = None, 
         for x in items: resolve_video(x["video"], root)  # every video exists before the model is loaded
         answer_fn = model_answerer(cfg)
     progress = cfg.progress and rank == 0
-    if world > 1:  # answer this process's share into its own file, then meet the others through files
+    if world > 1:  # answer this process's share into its own file (resumable), then hand it to the main process
         share = out / f"predictions.{rank}-of-{world}.jsonl"
-        predict(todo, answer_fn, share, cfg.batch_size, root, progress)
-        _write_json({"answered": len(todo)}, share.with_suffix(".done"))
-        if rank > 0:
-            wait_for_files([out / "done.json"]); return out
-        shares = [out / f"predictions.{r}-of-{world}.jsonl" for r in range(world)]
-        wait_for_files([s.with_suffix(".done") for s in shares])
-        _append_jsonl(out / "predictions.jsonl", [row for s in shares for row in read_jsonl(s) if row["id"] not in done])
-        for s in shares: s.unlink(); s.with_suffix(".done").unlink()
+        rows = list(predict(todo, answer_fn, share, cfg.batch_size, root, progress).values())
+        parts = merge_shares(rows, [out / f"predictions.{r}-of-{world}.json" for r in range(world)], out / "done.json")
+        if parts is None: return out
+        _append_jsonl(out / "predictions.jsonl", [row for part in parts for row in part if row["id"] not in done])
+        for r in range(world): (out / f"predictions.{r}-of-{world}.jsonl").unlink(missing_ok=True)
 
         def answer_fn(recs):  # the merged file holds every answer: nothing is left to generate
             raise RuntimeError(f"{len(recs)} questions were not answered by any process")

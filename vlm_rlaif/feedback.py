@@ -510,7 +510,7 @@ def run_feedback(cfg: FeedbackConfig, out_dir, judge: GenerateFn | None = None,
     the SFT model's answer sampling (tests, oracles, API models); `agreement_judge` is the judge scored in
     `agreement.json` (default: `judge`, else the model judge)."""
     from vlm_rlaif.encoder import EncoderConfig, FeatureCache
-    from vlm_rlaif.sft import process_rank, wait_for_files
+    from vlm_rlaif.sft import merge_shares, process_device, process_rank
     out = Path(out_dir); out.mkdir(parents=True, exist_ok=True)
     if (out / "done.json").exists(): return out
     rank, world = process_rank()  # under `accelerate launch` every process makes the pairs of its share of prompts
@@ -524,8 +524,7 @@ def run_feedback(cfg: FeedbackConfig, out_dir, judge: GenerateFn | None = None,
     enc = EncoderConfig.from_dict(cfg.encoder)
     features = FeatureCache(cfg.features_dir, enc)
     root = cfg.video_root or cfg.data_dir
-    local = int(os.environ.get("LOCAL_RANK", 0))
-    device = cfg.device or (f"cuda:{local}" if torch.cuda.is_available() else "cpu")
+    device = cfg.device or process_device()
     progress, models = cfg.progress and rank == 0, {}
 
     def load(d):
@@ -573,12 +572,9 @@ def run_feedback(cfg: FeedbackConfig, out_dir, judge: GenerateFn | None = None,
         if r.get("video_id") in facts: rec["truth_preference"] = tw.prefer(facts[r["video_id"]], r, a, b)
         rm.append((share[i], rec))
     if world > 1:  # the main process merges every share (in prompt order); the others wait for the result
-        _dump(dict(rm=rm, stats=stats), work / "part.json")
-        if rank > 0:
-            wait_for_files([out / "done.json"]); return out
-        files = [out / "shards" / f"{r}-of-{world}" / "part.json" for r in range(world)]
-        wait_for_files(files)
-        parts = [json.loads(f.read_text()) for f in files]
+        parts = merge_shares(dict(rm=rm, stats=stats), [out / "shards" / f"{r}-of-{world}" / "part.json" for r in range(world)],
+                             out / "done.json")
+        if parts is None: return out
         rm = [x for part in parts for x in part["rm"]]
         stats = {k: sum(part["stats"][k] for part in parts) for k in stats}
     rm = [rec for _, rec in sorted(rm, key=lambda x: x[0])]

@@ -6,7 +6,6 @@
 from __future__ import annotations
 
 import json
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -122,11 +121,9 @@ class Run:
     def features_dir(self) -> Path: return self.root / "features"
 
     def features(self):
-        import torch
         from vlm_rlaif.encoder import FeatureCache
-        local = int(os.environ.get("LOCAL_RANK", -1))  # one GPU per process under `accelerate launch`
-        device = f"cuda:{local}" if local >= 0 and torch.cuda.is_available() else None
-        return FeatureCache(self.features_dir, self.encoder_config(), device=device)
+        from vlm_rlaif.sft import process_device  # under `accelerate launch`: this process's own GPU
+        return FeatureCache(self.features_dir, self.encoder_config(), device=process_device())
 
     # ---- bookkeeping ----
     @property
@@ -182,11 +179,17 @@ def dataset_videos(data_dir) -> list[Path]:
 def stage_features(run: Run, progress: bool = True) -> dict:
     """Compute the frozen-tower features of every video once (cached; corrupt videos are skipped and counted); under
     `accelerate launch` every process encodes its share of the videos."""
-    from vlm_rlaif.sft import process_rank
+    from vlm_rlaif.sft import merge_shares, process_rank
     videos = dataset_videos(run.data_dir)
     rank, world = process_rank()
     st = run.features().precompute(videos, on_error="skip", progress=progress and rank == 0, rank=rank, world_size=world)
-    return dict(videos=len(videos), computed=st["computed"], cached=st["cached"], failed=len(st["failed"]))
+    counts = dict(computed=st["computed"], cached=st["cached"], failed=len(st["failed"]))
+    if world > 1:  # the main process adds up the shares; the others wait for its stage marker
+        parts = merge_shares(counts, [run.root / "stages" / f".features.part{r}.json" for r in range(world)],
+                             run.marker("features"))
+        if parts is None: return {}
+        counts = {k: sum(p[k] for p in parts) for k in counts}
+    return dict(videos=len(videos), **counts)
 
 # %% ../nbs/10_pipeline.ipynb #b15c644a
 SHARED_STAGES = ("features", "sft", "feedback", "reward", "ppo", "dpo", "eval")  # run by every process of an `accelerate launch`
@@ -194,8 +197,9 @@ SHARED_STAGES = ("features", "sft", "feedback", "reward", "ppo", "dpo", "eval") 
 
 def run_stage(run: Run, stage: str, progress: bool = True, force: bool = False) -> dict:
     """Run one stage of `run` unless it is done; records its wall time. Returns the stage's summary.
-    Under `accelerate launch` the training stages (and the feature cache) run in every process; the others run in
-    the main process while the rest wait for its marker. Only the main process writes markers and timings."""
+    Under `accelerate launch` the `SHARED_STAGES` run in every process (training, and the features, feedback pairs
+    and evaluation answers split by rank); the others run in the main process while the rest wait for its marker.
+    Only the main process writes markers and timings."""
     from vlm_rlaif.sft import process_rank, wait_for_files
     if stage not in STAGE_FNS: raise ValueError(f"unknown stage {stage!r}; known: {list(STAGE_FNS)}")
     rank, world = process_rank()
@@ -207,18 +211,7 @@ def run_stage(run: Run, stage: str, progress: bool = True, force: bool = False) 
         return dict(json.loads(done.read_text()).get("summary", {})) if done.exists() else {}
     info = STAGE_FNS[stage](run, progress=progress and rank == 0) or {}
     secs = time.time() - t0
-    if world > 1 and stage == "features":  # every process encoded a share: the main one waits for all of them
-        part = run.root / "stages" / f".features.part{rank}.json"
-        _atomic_json(info, part)
-        if rank > 0:
-            wait_for_files([done], newer_than=t0 if force else 0.0); return info
-        parts = [run.root / "stages" / f".features.part{r}.json" for r in range(world)]
-        wait_for_files(parts, newer_than=t0)
-        shares = [json.loads(p.read_text()) for p in parts]
-        info = dict(videos=shares[0]["videos"], **{k: sum(s[k] for s in shares) for k in ("computed", "cached", "failed")})
-        for p in parts: p.unlink()
-    elif rank > 0:
-        return info
+    if rank > 0: return info  # a shared stage: the main process writes the marker
     if stage != "report":  # the report is always rebuilt from what the run holds
         _atomic_json(dict(stage=stage, seconds=round(secs, 2), summary=info,
                           finished=time.strftime("%Y-%m-%d %H:%M:%S")), done)
@@ -229,11 +222,9 @@ def run_stage(run: Run, stage: str, progress: bool = True, force: bool = False) 
 def run_pipeline(cfg: PipelineConfig, out_dir, stages=None, progress: bool = True, force=()) -> dict:
     "Run `stages` (default: `cfg.stages`) of `cfg` into `out_dir`; finished stages are skipped. Returns summaries."
     run = Run(cfg, out_dir)
-    from vlm_rlaif.sft import process_rank
+    from vlm_rlaif.sft import _atomic_write_text, process_rank
     main = process_rank()[0] == 0
-    if main:
-        from vlm_rlaif.sft import _atomic_write_text
-        _atomic_write_text(run.root / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    if main: _atomic_write_text(run.root / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     results = {}
     for s in stages or cfg.stages:
         if progress and main: print(f"== stage {s}", flush=True)

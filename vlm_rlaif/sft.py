@@ -29,9 +29,10 @@ from .model import IMAGE_TOKEN, video_question
 __all__ = ['CKPT_PREFIX', 'TRAINER_STATE', 'DONE_FILE', 'SCHEDULES', 'CRITERIA', 'resolve_mixed_precision',
            'deepspeed_config_dict', 'make_accelerator', 'NonFiniteLossError', 'check_finite', 'MetricLogger',
            'read_metrics', 'latest_checkpoint', 'save_checkpoint', 'load_checkpoint', 'stage_done', 'mark_done',
-           'zero_stage', 'gathered_params', 'generation_model', 'process_rank', 'wait_for_files', 'RunLockedError',
-           'run_lock', 'generate_answers', 'SFTConfig', 'load_sft_records', 'sft_stages', 'EpochSampler',
-           'record_texts', 'build_sft_model', 'stagewise_cosine', 'train_sft', 'chance_answers', 'score_sft']
+           'zero_stage', 'gathered_params', 'generation_model', 'process_rank', 'process_device', 'wait_for_files',
+           'merge_shares', 'RunLockedError', 'run_lock', 'generate_answers', 'SFTConfig', 'load_sft_records',
+           'sft_stages', 'EpochSampler', 'record_texts', 'build_sft_model', 'stagewise_cosine', 'train_sft',
+           'chance_answers', 'score_sft']
 
 # %% ../nbs/05_sft.ipynb #f3427d16
 def resolve_mixed_precision(mixed_precision: str = "auto") -> str:
@@ -88,9 +89,7 @@ def make_accelerator(mixed_precision: str = "no", gradient_accumulation_steps: i
     if deepspeed_config is None and os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
         # launched with a DeepSpeed accelerate config: use its JSON the same way
         deepspeed_config = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE")
-        if deepspeed_config is None:  # plugin settings in the environment: keep DeepSpeed, build models whole
-            kw["cpu"] = False
-            os.environ["ACCELERATE_DEEPSPEED_ZERO3_INIT"] = "false"
+        if deepspeed_config is None: kw["cpu"] = False  # plugin settings in the environment: keep DeepSpeed
     if deepspeed_config is not None:
         from accelerate.utils import DeepSpeedPlugin
         ds = deepspeed_config_dict(deepspeed_config, micro_batch_size, max_grad_norm)
@@ -315,10 +314,31 @@ def process_rank() -> tuple[int, int]:
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 
 
+def process_device() -> torch.device:
+    "This process's device: its own GPU under `accelerate launch` (`LOCAL_RANK`), the first GPU, or the CPU."
+    if not torch.cuda.is_available(): return torch.device("cpu")
+    return torch.device(f"cuda:{max(int(os.environ.get('LOCAL_RANK', 0)), 0)}")
+
+
 def wait_for_files(paths, newer_than: float = 0.0, poll: float = 1.0):
     "Block until every file of `paths` exists (modified at or after `newer_than`): how processes meet without a process group."
     paths = [Path(p) for p in paths]
     while not all(p.exists() and p.stat().st_mtime >= newer_than for p in paths): time.sleep(poll)
+
+
+def merge_shares(share, parts, finished) -> list | None:
+    """Hand this process's `share` (JSON data) to the main process: it is written to `parts[rank]`; the main process
+    waits for every part and gets them back in rank order (the part files are then removed), the others wait until
+    `finished` exists (what the main process writes once it has merged) and get None."""
+    rank, _ = process_rank()
+    parts = [Path(p) for p in parts]
+    _atomic_write_text(parts[rank], json.dumps(share))
+    if rank > 0:
+        wait_for_files([finished]); return None
+    wait_for_files(parts)
+    shares = [json.loads(p.read_text()) for p in parts]
+    for p in parts: p.unlink()
+    return shares
 
 # %% ../nbs/05_sft.ipynb #9dbf4251
 class RunLockedError(RuntimeError):
