@@ -203,7 +203,7 @@ def section_rollout(sh: dict, peak: dict, out: dict):
 def section_ppo(sh: dict, peak: dict, out: dict):
     from vlm_rlaif.ppo import PolicyWithValue, PPOConfig, ValueHead, compute_advantages, make_rollouts, ppo_update
     from vlm_rlaif.reward import RewardModel
-    from vlm_rlaif.sft import make_accelerator
+    from vlm_rlaif.training import make_accelerator
     from transformers import get_scheduler
     cfg = PPOConfig(rollout_batch_size=sh["ppo_rollouts"], generation_batch_size=sh["ppo_rollouts"],
                     minibatch_size=sh["ppo_minibatch"], ppo_epochs=1, max_new_tokens=sh["new_tokens"],

@@ -19,7 +19,8 @@ import torch
 
 from vlm_rlaif.encoder import FeatureCache, TowerPretrainConfig, pretrain_toy_tower, toy_encoder_config
 from vlm_rlaif.model import TOY_LM_CONFIG, VideoLMM
-from vlm_rlaif.sft import SFTConfig, read_metrics, score_sft, train_sft
+from vlm_rlaif.sft import SFTConfig, score_sft, train_sft
+from vlm_rlaif.training import read_metrics
 from vlm_rlaif.toyworld import ToyWorldConfig, make_dataset
 
 

@@ -35,7 +35,7 @@ def held_out(data: Path) -> list[dict]:
 def evaluate(model_dir, data, feats, rm=None, rm_prompt_text=None, max_new_tokens=64, n=None) -> dict:
     "Greedy answers to held-out questions, scored by the toy scorer (truth) and by the reward model."
     from vlm_rlaif.ppo import rm_prompt_ids, score_responses, truncate_at_eos
-    from vlm_rlaif.sft import generate_answers
+    from vlm_rlaif.training import generate_answers
     from vlm_rlaif.data import Collator, PromptDataset
     model = VideoLMM.from_pretrained(model_dir)
     recs = held_out(data)[:n]

@@ -5,9 +5,11 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("MPLBACKEND", "Agg")
 
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from vlm_rlaif.model import TOY_LM_CONFIG
@@ -17,10 +19,15 @@ TINY_LM = dict(TOY_LM_CONFIG, hidden_size=32, intermediate_size=64, num_hidden_l
                num_key_value_heads=2)
 
 
-def launch_two_processes(script: str, cfg: dict, out, workdir, timeout: int = 280) -> subprocess.CompletedProcess:
+def launch_two_processes(script: str, cfg: dict, out, workdir, timeout: int = 280,
+                         machines: int = 1) -> subprocess.CompletedProcess:
     """Run `script` (Python source; argv: config JSON path, out dir) in 2 CPU processes with
-    `accelerate launch --multi_gpu` (gloo); asserts it exits 0 and returns the finished process."""
+    `accelerate launch --multi_gpu` (gloo); asserts it exits 0 and returns the finished process (machine 0's).
+    `machines=2` simulates two machines on this one: two `accelerate launch` commands started at once,
+    `--num_machines 2 --machine_rank {0,1}` with one process each, meeting at 127.0.0.1:<free port> (gloo on the
+    loopback interface); `out` is the run directory both "machines" share, as a shared filesystem would be."""
     import json
+    assert machines in (1, 2), machines
     workdir = Path(workdir)
     (workdir / "cfg.json").write_text(json.dumps(cfg))
     (workdir / "run.py").write_text(script)
@@ -29,10 +36,39 @@ def launch_two_processes(script: str, cfg: dict, out, workdir, timeout: int = 28
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1",
            "CUDA_VISIBLE_DEVICES": ""}
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(port),
-           str(workdir / "run.py"), str(workdir / "cfg.json"), str(out)]
-    p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
-    if p.returncode != 0:  # the workers' own traceback, not the launcher's that follows it
-        err = p.stderr.split("Traceback (most recent call last):\n  File \"<frozen runpy>\"")[0]
-        raise AssertionError(f"exit {p.returncode}\n{p.stdout[-2000:]}\n{err[-5000:]}")
-    return p
+           "--num_machines", str(machines), "--mixed_precision", "no", "--dynamo_backend", "no",
+           "--main_process_port", str(port)]
+    args = [str(workdir / "run.py"), str(workdir / "cfg.json"), str(out)]
+    if machines == 1:
+        cmds = [cmd + args]
+    else:
+        env["GLOO_SOCKET_IFNAME"] = "lo"  # the "network" between the two machines is the loopback interface
+        cmds = [cmd + ["--machine_rank", str(r), "--main_process_ip", "127.0.0.1"] + args for r in range(machines)]
+    logs = [(open(workdir / f"launch{m}.out", "w+"), open(workdir / f"launch{m}.err", "w+")) for m in range(len(cmds))]
+    # each launcher leads a process group of its own: ending the group ends its workers too
+    procs = [subprocess.Popen(c, env=env, stdout=o, stderr=e, text=True, start_new_session=True)
+             for c, (o, e) in zip(cmds, logs)]
+    deadline, timed_out, failed = time.time() + timeout, False, []
+    try:  # until all have ended; a failed launch ends the other one (it would wait for its peer until the timeout)
+        while any(p.poll() is None for p in procs):
+            failed = [m for m, p in enumerate(procs) if p.poll() not in (None, 0)]
+            timed_out = time.time() > deadline
+            if failed or timed_out: break
+            time.sleep(0.2)
+    finally:
+        for p in procs:
+            if p.poll() is None: os.killpg(p.pid, signal.SIGKILL)  # the launcher and its workers
+            p.wait()
+    done = []
+    for c, p, (o, e) in zip(cmds, procs, logs):
+        o.seek(0); e.seek(0)
+        done.append(subprocess.CompletedProcess(c, p.returncode, o.read(), e.read()))
+        o.close(); e.close()
+    for m in failed + [m for m in range(len(done)) if m not in failed]:  # the first to fail first
+        p = done[m]
+        if p.returncode != 0 or timed_out:  # the workers' own traceback, not the launcher's that follows it
+            err = p.stderr.split("Traceback (most recent call last):\n  File \"<frozen runpy>\"")[0]
+            where = f" (machine {m})" if machines > 1 else ""
+            why = f"timed out after {timeout} s" if timed_out else f"exit {p.returncode}"
+            raise AssertionError(f"{why}{where}\n{p.stdout[-2000:]}\n{err[-5000:]}")
+    return done[0]

@@ -27,7 +27,8 @@ SCRIPT = textwrap.dedent('''
     from vlm_rlaif.dpo import DPOConfig, train_dpo
     from vlm_rlaif.ppo import PPOConfig, load_policy, train_ppo
     from vlm_rlaif.reward import RewardConfig, train_reward
-    from vlm_rlaif.sft import SFTConfig, generation_model, make_accelerator, train_sft, zero_stage
+    from vlm_rlaif.sft import SFTConfig, train_sft
+    from vlm_rlaif.training import generation_model, make_accelerator, zero_stage
     c, out = json.loads(Path(sys.argv[1]).read_text()), Path(sys.argv[2])
     ds, report = c["deepspeed_config"], {}
 

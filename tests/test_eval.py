@@ -452,7 +452,7 @@ def test_compare(toy_data, toy_items, tmp_path):
 
 @pytest.fixture(scope="module")
 def tiny_vlm(toy_data, tmp_path_factory):
-    pytest.importorskip("vlm_rlaif.sft")
+    pytest.importorskip("vlm_rlaif.training")
     from vlm_rlaif.encoder import toy_encoder_config
     from vlm_rlaif.model import TOY_LM_CONFIG, ModelConfig, build_model, train_toy_tokenizer
     torch.manual_seed(0)
@@ -462,7 +462,7 @@ def tiny_vlm(toy_data, tmp_path_factory):
 
 
 def test_evaluate_with_model(toy_data, tiny_vlm, tmp_path):
-    "The default answerer: a VideoLMM dir + FeatureCache through sft.generate_answers."
+    "The default answerer: a VideoLMM dir + FeatureCache through training.generate_answers."
     cfg = ev.EvalConfig(model_dir=str(tiny_vlm), data_dir=str(toy_data), features_dir=str(tmp_path / "feats"),
                         max_items=1, max_new_tokens=6, batch_size=8, progress=False)
     out = ev.evaluate_model(cfg, tmp_path / "out")

@@ -21,7 +21,7 @@ from vlm_rlaif.model import (TOY_LM_CONFIG, LoraSettings, ModelConfig, add_lora,
 from vlm_rlaif.reward import (PAPER_RM_LORA, REWARD_PROMPT, SEED_REWARD_PROMPT, RewardConfig, RewardModel, bt_loss,
                               evaluate_rm, last_token_index, noisy_labels, rm_prompt, toy_preference_records,
                               train_reward)
-from vlm_rlaif.sft import NonFiniteLossError, read_metrics
+from vlm_rlaif.training import NonFiniteLossError, read_metrics
 from vlm_rlaif.toyworld import ToyWorldConfig, corpus_texts, load_facts, make_dataset, prefer
 
 torch.set_num_threads(1)

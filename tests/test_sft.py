@@ -1,4 +1,4 @@
-"Curriculum SFT: exact kill-and-resume, the NaN guard, bad configs, stage markers and the shared training utilities."
+"Curriculum SFT: exact kill-and-resume, the NaN guard, bad configs, stage markers and the training runtime it uses."
 import json
 import os
 import time
@@ -10,8 +10,9 @@ import torch
 
 from vlm_rlaif.encoder import toy_encoder_config
 from vlm_rlaif.model import VideoLMM
-from vlm_rlaif.sft import (NonFiniteLossError, SFTConfig, check_finite, generate_answers, latest_checkpoint,
-                           read_metrics, stage_done, train_sft)
+from vlm_rlaif.sft import SFTConfig, train_sft
+from vlm_rlaif.training import (NonFiniteLossError, check_finite, generate_answers, latest_checkpoint, read_metrics,
+                                stage_done)
 from vlm_rlaif.toyworld import ToyWorldConfig, make_dataset
 from conftest import TINY_LM
 
@@ -164,7 +165,7 @@ def test_generate_answers_is_batch_invariant(world, reference):
 
 def test_a_second_writer_is_refused(world, tmp_path):
     import socket
-    from vlm_rlaif.sft import RunLockedError
+    from vlm_rlaif.training import RunLockedError
     out = tmp_path / "locked"
     out.mkdir()
     (out / ".lock").write_text(f"{socket.gethostname()}:{os.getppid()}")  # a live process holds the run

@@ -163,9 +163,9 @@ def train_dpo(cfg: DPOConfig, out_dir, policy: VideoLMM | None = None) -> Path:
     dir), `metrics.jsonl`, `tb/`, `checkpoints/`, `config.json`, `eval.json` and `done.json`. Resumes; returns at once
     when done."""
     from transformers import get_scheduler
-    from vlm_rlaif.sft import EpochSampler
-    from vlm_rlaif.sft import (MetricLogger, check_finite, generation_model, latest_checkpoint, load_checkpoint,
-                               make_accelerator, mark_done, save_checkpoint, stage_done)
+    from vlm_rlaif.training import EpochSampler
+    from vlm_rlaif.training import (MetricLogger, check_finite, generation_model, latest_checkpoint,
+                                    load_checkpoint, make_accelerator, mark_done, save_checkpoint, stage_done)
     out = Path(out_dir)
     if stage_done(out): return out
     acc = make_accelerator(cfg.mixed_precision, cfg.gradient_accumulation_steps, cfg.deepspeed_config, seed=cfg.seed,

@@ -700,10 +700,10 @@ def _fingerprint(key, value):
 
 
 def model_answerer(cfg: EvalConfig) -> Callable[[list[dict]], list[str]]:
-    "answer_fn of `cfg.model_dir`'s VideoLMM: `sft.generate_answers` on FeatureCache features (greedy by default)."
+    "answer_fn of `cfg.model_dir`'s VideoLMM: `training.generate_answers` on FeatureCache features (greedy by default)."
     from vlm_rlaif.encoder import EncoderConfig, FeatureCache
     from vlm_rlaif.model import VideoLMM
-    from vlm_rlaif.sft import generate_answers, process_device
+    from vlm_rlaif.training import generate_answers, process_device
     if not cfg.model_dir or not cfg.features_dir: raise ValueError("EvalConfig: answering with a model needs model_dir and features_dir")
     model = VideoLMM.from_pretrained(cfg.model_dir).to(process_device())  # under `accelerate launch`: its own GPU
     enc = EncoderConfig.from_dict(cfg.encoder) if cfg.encoder else model.cfg.encoder
@@ -718,7 +718,7 @@ def evaluate_model(cfg: EvalConfig, out_dir, answer_fn: Callable | None = None, 
     `judge`), and write predictions.jsonl, judgements.jsonl, scores.json, done.json into `out_dir` (resumable).
     Under `accelerate launch` every process answers its share of the questions; the main process merges the
     answers and judges them while the others wait for `done.json`."""
-    from vlm_rlaif.sft import merge_shares, process_rank
+    from vlm_rlaif.training import merge_shares, process_rank
     out = Path(out_dir)
     if (out / "done.json").exists(): return out
     out.mkdir(parents=True, exist_ok=True)
@@ -756,7 +756,7 @@ def evaluate_model(cfg: EvalConfig, out_dir, answer_fn: Callable | None = None, 
     _write_json(scores, out / "scores.json")
     _write_json(dict(stage="eval", seconds=round(time.time() - t0, 2), n_items=len(items),
                      failed_judgements=scores["counts"]["failed_total"], finished=time.strftime("%Y-%m-%dT%H:%M:%S")),
-                out / "done.json")  # the same file as sft.mark_done writes
+                out / "done.json")  # the same file as training.mark_done writes
     return out
 
 # %% ../nbs/09_eval.ipynb #cb743e13

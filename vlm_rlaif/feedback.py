@@ -510,7 +510,7 @@ def run_feedback(cfg: FeedbackConfig, out_dir, judge: GenerateFn | None = None,
     the SFT model's answer sampling (tests, oracles, API models); `agreement_judge` is the judge scored in
     `agreement.json` (default: `judge`, else the model judge)."""
     from vlm_rlaif.encoder import EncoderConfig, FeatureCache
-    from vlm_rlaif.sft import merge_shares, process_device, process_rank
+    from vlm_rlaif.training import merge_shares, process_device, process_rank
     out = Path(out_dir); out.mkdir(parents=True, exist_ok=True)
     if (out / "done.json").exists(): return out
     rank, world = process_rank()  # under `accelerate launch` every process makes the pairs of its share of prompts

@@ -91,8 +91,8 @@ def load_config(path, overrides=()) -> PipelineConfig:
 
 # %% ../nbs/10_pipeline.ipynb #af34e489
 def _atomic_json(obj, path):
-    from vlm_rlaif.sft import _atomic_write_text  # a unique temporary file per writer, then rename
-    _atomic_write_text(path, json.dumps(obj, indent=1, default=str))
+    from vlm_rlaif.training import atomic_write_text  # a unique temporary file per writer, then rename
+    atomic_write_text(path, json.dumps(obj, indent=1, default=str))
 
 
 class Run:
@@ -122,7 +122,7 @@ class Run:
 
     def features(self):
         from vlm_rlaif.encoder import FeatureCache
-        from vlm_rlaif.sft import process_device  # under `accelerate launch`: this process's own GPU
+        from vlm_rlaif.training import process_device  # under `accelerate launch`: this process's own GPU
         return FeatureCache(self.features_dir, self.encoder_config(), device=process_device())
 
     # ---- bookkeeping ----
@@ -179,7 +179,7 @@ def dataset_videos(data_dir) -> list[Path]:
 def stage_features(run: Run, progress: bool = True) -> dict:
     """Compute the frozen-tower features of every video once (cached; corrupt videos are skipped and counted); under
     `accelerate launch` every process encodes its share of the videos."""
-    from vlm_rlaif.sft import merge_shares, process_rank
+    from vlm_rlaif.training import merge_shares, process_rank
     videos = dataset_videos(run.data_dir)
     rank, world = process_rank()
     st = run.features().precompute(videos, on_error="skip", progress=progress and rank == 0, rank=rank, world_size=world)
@@ -200,7 +200,7 @@ def run_stage(run: Run, stage: str, progress: bool = True, force: bool = False) 
     Under `accelerate launch` the `SHARED_STAGES` run in every process (training, and the features, feedback pairs
     and evaluation answers split by rank); the others run in the main process while the rest wait for its marker.
     Only the main process writes markers and timings."""
-    from vlm_rlaif.sft import process_rank, wait_for_files
+    from vlm_rlaif.training import process_rank, wait_for_files
     if stage not in STAGE_FNS: raise ValueError(f"unknown stage {stage!r}; known: {list(STAGE_FNS)}")
     rank, world = process_rank()
     done, t0 = run.marker(stage), time.time()
@@ -222,9 +222,9 @@ def run_stage(run: Run, stage: str, progress: bool = True, force: bool = False) 
 def run_pipeline(cfg: PipelineConfig, out_dir, stages=None, progress: bool = True, force=()) -> dict:
     "Run `stages` (default: `cfg.stages`) of `cfg` into `out_dir`; finished stages are skipped. Returns summaries."
     run = Run(cfg, out_dir)
-    from vlm_rlaif.sft import _atomic_write_text, process_rank
+    from vlm_rlaif.training import atomic_write_text, process_rank
     main = process_rank()[0] == 0
-    if main: _atomic_write_text(run.root / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    if main: atomic_write_text(run.root / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     results = {}
     for s in stages or cfg.stages:
         if progress and main: print(f"== stage {s}", flush=True)
@@ -290,7 +290,8 @@ def sft_config(run: Run):
 
 def stage_sft(run: Run, progress: bool = True) -> dict:
     "Curriculum SFT (05_sft); toy world: plus the judging instructions made from the facts."
-    from vlm_rlaif.sft import read_metrics, train_sft
+    from vlm_rlaif.sft import train_sft
+    from vlm_rlaif.training import read_metrics
     cfg, judge = sft_config(run), (run.cfg.sft or {}).get("judge_records")
     path = run.dir("sft") / "judge_train.json"
     if judge is not None and not path.exists():  # toy world: {n, seed} of judging instructions from the facts
@@ -326,7 +327,7 @@ def stage_feedback(run: Run, progress: bool = True) -> dict:
     if (run.cfg.feedback or {}).get("judge", "model") == "oracle":
         from vlm_rlaif.model import VideoLMM
         from vlm_rlaif.toyworld import load_facts
-        from vlm_rlaif.sft import process_rank
+        from vlm_rlaif.training import process_rank
         judge = truth_judge(load_facts(run.data_dir), json.loads((run.data_dir / cfg.prompts_file).read_text()))
         if cfg.agreement_pairs and process_rank()[0] == 0:  # measured by the main process only
             sft = VideoLMM.from_pretrained(cfg.sft_model_dir).eval()
@@ -450,7 +451,7 @@ def _plot_curves(path, series: dict, title: str, figdir: Path, name: str) -> str
     "Line plots of metrics.jsonl keys (`{label: key}`) against the step, one panel each."
     import matplotlib; matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from vlm_rlaif.sft import read_metrics
+    from vlm_rlaif.training import read_metrics
     if not Path(path).exists(): return None
     rows = read_metrics(path)
     panels = [(lab, [(r["step"], r[k]) for r in rows if r.get(k) is not None and "step" in r]) for lab, k in series.items()]
@@ -465,7 +466,7 @@ def _plot_curves(path, series: dict, title: str, figdir: Path, name: str) -> str
 
 
 def _section_sft(run: Run, figdir: Path) -> str:
-    from vlm_rlaif.sft import read_metrics
+    from vlm_rlaif.training import read_metrics
     p = run.dir("sft") / "metrics.jsonl"
     if not p.exists(): return ""
     rows = [r for r in read_metrics(p) if "loss" in r]

@@ -418,7 +418,7 @@ def ppo_update(model, optimizer, scheduler, accelerator, roll: dict, adv: dict, 
     """`cfg.ppo_epochs` epochs of clipped PPO updates of `model` (a `PolicyWithValue`, prepared by `accelerator`) over
     the rollouts in minibatches of `cfg.minibatch_size`; returns one stats dict per minibatch (the first one is the
     first minibatch of the first epoch)."""
-    from vlm_rlaif.sft import check_finite
+    from vlm_rlaif.training import check_finite
     N = len(roll["responses"])
     gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
     params = params if params is not None else [p for g in optimizer.param_groups for p in g["params"]]
@@ -484,8 +484,8 @@ def train_ppo(cfg: PPOConfig, out_dir, policy: VideoLMM | None = None, reward_mo
     the RM's score (e.g. the toy world's true quality; the RM still feeds the value head), `monitor_fn` (same
     signature) is only logged, as `objective/monitor`."""
     from transformers import get_scheduler
-    from vlm_rlaif.sft import (MetricLogger, gathered_params, generation_model, latest_checkpoint, load_checkpoint,
-                               make_accelerator, mark_done, save_checkpoint, stage_done)
+    from vlm_rlaif.training import (MetricLogger, gathered_params, generation_model, latest_checkpoint,
+                                    load_checkpoint, make_accelerator, mark_done, save_checkpoint, stage_done)
     out = Path(out_dir)
     if stage_done(out): return out
     acc = make_accelerator(cfg.mixed_precision, deepspeed_config=cfg.deepspeed_config, seed=cfg.seed,

@@ -388,8 +388,8 @@ def accuracy_against(result: dict, records, key: str = "truth_preference") -> fl
     return float(np.mean(hits)) if hits else float("nan")
 
 # %% ../nbs/07_reward.ipynb #0e4c44e8
-from .sft import (EpochSampler, MetricLogger, check_finite, gathered_params, latest_checkpoint,
-                           load_checkpoint, make_accelerator, mark_done, save_checkpoint, stage_done)
+from .training import (EpochSampler, MetricLogger, check_finite, gathered_params, latest_checkpoint,
+                                load_checkpoint, make_accelerator, mark_done, save_checkpoint, stage_done)
 
 
 def _rm_datasets(cfg: RewardConfig, tokenizer, features):
