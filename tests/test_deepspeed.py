@@ -139,9 +139,12 @@ def test_deepspeed_really_ran(runs):
         for name in runs: assert (runs[name] / stage / "done.json").exists(), (name, stage)
 
 
-# Full fine-tuning agrees to float noise. The LoRA runs agree to about one Adam step (lr 1e-3): while lora_B is ~0
-# the gradients of lora_A are ~0 too, and Adam turns their reduction-order noise into steps of up to lr.
-@pytest.mark.parametrize("stage,sub,atol", [("sft", "model", 1e-4), ("reward", "model", 1e-4), ("ppo", "policy", 1e-3),
+# Full fine-tuning agrees to float noise. The LoRA runs agree to about one Adam step per optimizer step (lr 1e-3):
+# while lora_B is ~0 the gradients of lora_A are ~0 too, and Adam turns their reduction-order noise into steps of up
+# to lr. DPO takes 2 optimizer steps here; PPO 8 (2 rollout steps x 2 epochs x 2 minibatches per process), and 1.7e-3
+# was seen on one machine: its bound is a few Adam steps, and the trained LoRA must also differ from DDP's by much less
+# than it moved from its zero init (so a LoRA that did not train fails).
+@pytest.mark.parametrize("stage,sub,atol", [("sft", "model", 1e-4), ("reward", "model", 1e-4), ("ppo", "policy", 4e-3),
                                             ("dpo", "policy", 1e-3)])
 def test_zero_trains_like_ddp(runs, stage, sub, atol):
     "Whole tensors are saved under ZeRO-3 (not empty shards) and all three runs end with the same weights."
@@ -155,6 +158,10 @@ def test_zero_trains_like_ddp(runs, stage, sub, atol):
             assert got[k].shape == v.shape, (name, k)
             assert torch.allclose(got[k].float(), v.float(), atol=atol, rtol=0), (name, stage, k,
                                                                                      (got[k] - v).abs().max())
+        if sub == "policy":  # the LoRA's B matrices start at 0: the runs' difference is small next to the training
+            moved = max(v.abs().max().item() for k, v in ref.items() if "lora_B" in k)
+            diff = max((got[k] - v).abs().max().item() for k, v in ref.items() if "lora_B" in k)
+            assert diff < 0.5 * moved, (name, stage, diff, moved)
 
 
 def test_bf16_under_zero3(runs):

@@ -198,14 +198,19 @@ def test_run_feedback_rm_format_resume(toy, sft_dir, tmp_path):
         return lambda qs, vs: [a if rng.random() < 0.4 else (corrupt_answer(a, rng) or a) for a in
                                (by_q[(q, v)]["conversations"][1]["value"] for q, v in zip(qs, vs))]
 
-    cfg = _cfg(toy, sft_dir, context="truth", n_prompts=None, val_fraction=0.25, agreement_pairs=6, agreement_split="train")
+    cfg = _cfg(toy, sft_dir, context="truth", n_prompts=None, val_fraction=0.25, agreement_pairs=12, agreement_split="train",
+               agreement_forms=["verdict"])
     out = run_feedback(cfg, tmp_path / "fb", judge=judge, sampler=sampler)
     st = json.loads((out / "stats.json").read_text())
     train, val = load_records(out / "rm_train.json", "rm"), load_records(out / "rm_val.json", "rm")
     assert len(train) + len(val) == st["kept"] > 5 and st["agreement"] == 1.0 and len(val) == round(0.25 * st["kept"])
     assert st["identical"] > 0    # true/true pairs are not judged
     ag = json.loads((out / "agreement.json").read_text())
-    assert set(ag) == {"none", "captions", "truth"} and all(a["agreement"] == 1.0 and a["kept"] == 6 for a in ag.values())
+    assert set(ag) == {"verdict"} and set(ag["verdict"]) == {"none", "captions", "truth", "mcnemar"}
+    for m in ("none", "captions", "truth"):   # the policy's own pairs to 12 questions: the oracle judge keeps and gets every one
+        a = ag["verdict"][m]
+        assert a["decidable"] > 0 and a["kept_decidable"] == a["decidable"] and a["agreement"] == 1.0 and all(a["correct"])
+    assert ag["verdict"]["mcnemar"]["captions_vs_none"]["p"] == 1.0
     for r in list(train) + list(val):
         assert r["preference"] == r["truth_preference"] and r["context"] and len(r["judge"]["raw"]) == 2
         assert r["conversations"][0]["value"].startswith("<image>") and len(r["conversations"]) == 1

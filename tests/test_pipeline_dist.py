@@ -23,7 +23,7 @@ SCRIPT = textwrap.dedent('''
 
 def test_cli_stages_under_accelerate_launch(tmp_path):
     sets = ["toyworld.n_videos=8", "toyworld.qa_per_video=2", "tower_pretrain.steps=4", "sft.max_steps=2",
-            "sft.batch_size=2", "sft.save_every=1", "sft.judge_records.n=4", "sft.tokenizer_vocab_size=300",
+            "sft.batch_size=2", "sft.save_every=1", "sft.judge_records.pairwise=4", "sft.judge_records.claims=4", "sft.tokenizer_vocab_size=300",
             "model.lm_config.hidden_size=32", "model.lm_config.intermediate_size=64",
             "model.lm_config.num_hidden_layers=1", "model.lm_config.num_attention_heads=2",
             "model.lm_config.num_key_value_heads=2", f"sft.deepspeed_config={REPO / 'configs/deepspeed/zero2.json'}"]

@@ -31,7 +31,7 @@ from .config import Config
 from .frames import VideoError, list_frame_images, load_frames
 
 # %% auto #0
-__all__ = ['TINY_VISION', 'FEATURE_DTYPES', 'GRID_CELLS', 'block_index', 'EncoderConfig', 'num_visual_tokens',
+__all__ = ['TINY_VISION', 'FEATURE_STATS', 'FEATURE_DTYPES', 'GRID_CELLS', 'block_index', 'EncoderConfig', 'num_visual_tokens',
            'toy_encoder_config', 'VisionTower', 'build_vision_tower', 'spatio_temporal_pool', 'feature_bytes',
            'FeatureCache', 'frame_caption', 'TowerPretrainConfig', 'pretrain_toy_tower']
 
@@ -146,6 +146,19 @@ def _visual_state_dict(path) -> dict:
         sd = {k[len("visual."):]: v for k, v in sd.items() if k.startswith("visual.")}
     return sd
 
+FEATURE_STATS = ("feature_mean", "feature_std")
+
+def _feature_stats(path) -> tuple[torch.Tensor, torch.Tensor] | None:
+    "Per-channel (mean, std) of the tower's features stored beside its weights (toy towers), else None."
+    if not str(path).endswith(".safetensors"): return None
+    from safetensors import safe_open
+    with safe_open(str(path), "pt") as f:
+        if not set(FEATURE_STATS) <= set(f.keys()): return None
+        mean, std = (f.get_tensor(k).float() for k in FEATURE_STATS)
+    if mean.shape != std.shape or mean.ndim != 1 or not bool((std > 0).all()):
+        raise ValueError(f"{path}: feature_mean / feature_std must be two 1-D tensors of one size with std > 0")
+    return mean, std
+
 def _check_frames(frames) -> np.ndarray:
     if not isinstance(frames, np.ndarray) or frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[-1] != 3:
         desc = f"{frames.dtype} array of shape {frames.shape}" if isinstance(frames, np.ndarray) else type(frames).__name__
@@ -155,7 +168,7 @@ def _check_frames(frames) -> np.ndarray:
 
 class VisionTower(nn.Module):
     "Frozen open_clip ViT: frames -> patch features of one hidden layer, CLS dropped: `[N, P, C]`."
-    def __init__(self, visual: nn.Module, cfg: EncoderConfig, preprocess_cfg: dict):
+    def __init__(self, visual: nn.Module, cfg: EncoderConfig, preprocess_cfg: dict, feature_stats=None):
         super().__init__()
         self.cfg, self.block = cfg, block_index(cfg.select_layer, len(visual.transformer.resblocks))
         visual.prune_intermediate_layers([self.block], prune_norm=True, prune_head=True)  # drop unused blocks/head
@@ -166,6 +179,10 @@ class VisionTower(nn.Module):
         self.image_size = _pair(visual.image_size)
         self.preprocess_cfg = dict(preprocess_cfg)
         self.transform = image_transform_v2(PreprocessCfg(**self.preprocess_cfg), is_train=False)
+        if feature_stats is not None:  # per-channel (mean, std) of the selected layer, saved with a toy tower checkpoint
+            self.register_buffer("feature_mean", feature_stats[0].reshape(-1).clone())
+            self.register_buffer("feature_std", feature_stats[1].reshape(-1).clone())
+        else: self.feature_mean = self.feature_std = None
         self.requires_grad_(False)
         self.eval()
 
@@ -190,7 +207,8 @@ class VisionTower(nn.Module):
             raise ValueError(f"pixels must be [N, 3, {self.image_size[0]}, {self.image_size[1]}], got {tuple(pixels.shape)}")
         x = pixels.to(device=self.device, dtype=self.dtype)
         out = self.visual.forward_intermediates(x, indices=[self.block], intermediates_only=True, output_fmt="NLC")
-        return out["image_intermediates"][0]
+        h = out["image_intermediates"][0]
+        return h if self.feature_mean is None else (h - self.feature_mean) / self.feature_std
 
     def encode(self, frames: np.ndarray, batch_size: int = 64) -> torch.Tensor:
         "uint8 frames `[T, H, W, 3]` -> features `[T, P, C]` (on the tower's device, in its dtype)."
@@ -203,6 +221,7 @@ def build_vision_tower(cfg: EncoderConfig, device=None, dtype: torch.dtype | Non
     mc = {} if cfg.tiny is not None else open_clip.get_model_config(cfg.model_name)
     quick_gelu = _use_quick_gelu(cfg, tag)
     sd = _visual_state_dict(ckpt) if ckpt is not None else None
+    stats = _feature_stats(ckpt) if ckpt is not None else None
     embed_dim = sd["proj"].shape[-1] if sd is not None and "proj" in sd else mc.get("embed_dim", 512)  # head: pruned anyway
     meta = ckpt is not None or (device is not None and torch.device(device).type == "meta")
     with torch.random.fork_rng(devices=[]), torch.device("meta" if meta else "cpu"):
@@ -215,7 +234,7 @@ def build_vision_tower(cfg: EncoderConfig, device=None, dtype: torch.dtype | Non
             raise ValueError(f"{ckpt}: weights do not fit the {cfg.model_name if cfg.tiny is None else 'tiny'} "
                              f"vision tower: {str(e)[:500]}") from None
     pp = merge_preprocess_dict(PreprocessCfg(size=_pair(visual.image_size)), tag)
-    return VisionTower(visual, cfg, pp).to(device=device, dtype=dtype or torch.float32)
+    return VisionTower(visual, cfg, pp, stats).to(device=device, dtype=dtype or torch.float32)
 
 # %% ../nbs/02_encoder.ipynb #7782be17
 def spatio_temporal_pool(x: torch.Tensor) -> torch.Tensor:
@@ -364,6 +383,7 @@ class TowerPretrainConfig:
     lr: float = 1e-3
     weight_decay: float = 0.1
     embed_dim: int = 128  # CLIP embedding size (the projection is dropped afterwards)
+    standardize: bool = True  # save per-channel feature mean/std: the tower then returns standardised features
     seed: int = 0
 
 def pretrain_toy_tower(enc: EncoderConfig, out_path, pcfg: TowerPretrainConfig | None = None,
@@ -409,7 +429,14 @@ def pretrain_toy_tower(enc: EncoderConfig, out_path, pcfg: TowerPretrainConfig |
             loss = (nn.functional.cross_entropy(logits, target) + nn.functional.cross_entropy(logits.T, target)) / 2
             opt.zero_grad(); loss.backward(); opt.step(); sched.step()
             losses.append(loss.item())
+    visual.eval()
+    with torch.no_grad():   # per-channel statistics of the layer the LMM reads (patch tokens of `select_layer`)
+        block = block_index(enc.select_layer, len(visual.transformer.resblocks))
+        h = torch.cat([visual.forward_intermediates(X[i:i + 256], indices=[block], intermediates_only=True,
+                                                    output_fmt="NLC")["image_intermediates"][0]
+                       for i in range(0, min(len(X), 2048), 256)]).flatten(0, 1)
     out_path = Path(out_path); out_path.parent.mkdir(parents=True, exist_ok=True)
     sd = {f"visual.{k}": v.detach().contiguous() for k, v in visual.state_dict().items()}
+    if pcfg.standardize: sd.update(feature_mean=h.mean(0).contiguous(), feature_std=h.std(0).clamp(min=1e-4).contiguous())
     _atomic_save(sd, out_path, dict(pretrain=json.dumps(asdict(pcfg)), encoder=json.dumps(enc.to_dict())))
     return dict(path=out_path, losses=losses, n_frames=len(X))

@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import tempfile
@@ -19,17 +20,21 @@ from tqdm.auto import tqdm
 
 from .config import Config
 from . import toyworld as tw
-from .data import load_records, media_path, save_records
+from .data import encode_segments, load_records, media_path, save_records
 from .frames import sample_indices
 from .model import IMAGE_TOKEN, VideoLMM, build_prompt, video_question
 
 # %% auto #0
 __all__ = ['CAPTION_PROMPT', 'JUDGE_CRITERIA', 'CONTEXT_BLOCK', 'JUDGE_TEMPLATE', 'VERDICT_TEXT', 'STATUSES', 'CLIP_MARK',
-           'GenerateFn', 'CONTEXT_MODES', 'question_text', 'judge_question', 'parse_judge_question', 'verdict_signals',
-           'parse_verdict', 'combine_verdicts', 'clip_spans', 'clip_features', 'video_span', 'build_context',
-           'truth_context', 'clip_video_path', 'split_clip_path', 'ClipFeatures', 'lmm_generator', 'sample_candidates',
-           'caption_clips', 'judge_pairs', 'truth_judge', 'corrupt_answer', 'judge_sft_records', 'clip_caption_records',
-           'judge_agreement', 'corrupted_pairs', 'FeedbackConfig', 'select_prompts', 'run_feedback']
+           'GenerateFn', 'ScoreFn', 'JUDGE_FORMS', 'VERIFY_TEMPLATE', 'VERIFY_OPTIONS', 'CONTEXT_MODES',
+           'question_text', 'judge_question', 'parse_judge_question', 'verdict_signals', 'parse_verdict',
+           'combine_verdicts', 'clip_spans', 'clip_features', 'video_span', 'build_context', 'truth_context',
+           'clip_video_path', 'split_clip_path', 'ClipFeatures', 'lmm_generator', 'sample_candidates', 'caption_clips',
+           'judge_pairs', 'truth_judge', 'option_logprobs', 'lmm_scorer', 'verify_question', 'answer_sentences',
+           'debiased_preference', 'claim_preference', 'judge_pairs_scored', 'mcnemar_exact', 'corrupt_answer',
+           'judge_sft_records', 'clip_caption_records', 'judge_skill_videos', 'verify_sft_records', 'agreement_stats',
+           'judge_agreement', 'context_agreement', 'corrupted_pairs', 'plot_context_agreement', 'FeedbackConfig',
+           'select_prompts', 'run_feedback']
 
 # %% ../nbs/06_feedback.ipynb #55789ba8
 CAPTION_PROMPT = "Describe this video in detail."  # the paper's clip-captioning instruction
@@ -304,6 +309,163 @@ def truth_judge(facts: dict[str, dict], records: Sequence[dict] | None = None) -
 
     return generate
 
+# %% ../nbs/06_feedback.ipynb #5c0981ad
+ScoreFn = Callable[[Sequence[str], Sequence[str | None], Sequence[str]], np.ndarray]
+
+
+def _clip_len(video) -> int:
+    span = split_clip_path(video)[1]
+    return 0 if span is None else span[1] - span[0]
+
+
+@torch.no_grad()
+def option_logprobs(model: VideoLMM, features: Callable, questions: Sequence[str], videos: Sequence[str | None],
+                    options: Sequence[str], root=None, batch_size: int = 32, resample: bool = False,
+                    progress: bool = False, desc: str = "score") -> np.ndarray:
+    """`out[i, k]` = log p(`options[k]` | user turn `questions[i]` about `videos[i]`): the option scored as the
+    assistant's reply by teacher forcing (summed over its tokens), tokenised exactly as SFT tokenised its answers."""
+    if len(questions) != len(videos): raise ValueError(f"{len(questions)} questions but {len(videos)} videos")
+    tok, feats = model.tokenizer, ClipFeatures(features, resample)
+    prompts = [build_prompt([{"from": "human", "value": q}], add_generation_prompt=True) for q in questions]
+    items = [(i, k) for i in range(len(prompts)) for k in range(len(options))]
+    enc = encode_segments([[prompts[i], " " + options[k]] for i, k in items], tok)
+
+    def group(j):  # items of one batch share one feature shape
+        v = videos[items[j][0]]
+        return (0,) if v is None else (1, 0 if resample else _clip_len(v))
+
+    order = sorted(range(len(items)), key=lambda j: (group(j), len(enc[j][0])))
+    batches, cur = [], []
+    for j in order:
+        if cur and (len(cur) == batch_size or group(j) != group(cur[0])): batches.append(cur); cur = []
+        cur.append(j)
+    if cur: batches.append(cur)
+    out = np.zeros((len(prompts), len(options)))
+    was_training = model.training
+    model.eval()
+    try:
+        for idx in tqdm(batches, desc=desc, disable=not progress):
+            L = max(len(enc[j][0]) for j in idx)
+            ids = torch.full((len(idx), L), tok.pad_token_id)
+            labels = torch.full((len(idx), L), -100)
+            mask = torch.zeros((len(idx), L), dtype=torch.long)
+            for r, j in enumerate(idx):
+                x, seg = (torch.as_tensor(a) for a in enc[j])
+                ids[r, :len(x)], mask[r, :len(x)] = x, 1
+                labels[r, :len(x)] = torch.where(seg == 1, x, torch.full_like(x, -100))
+            vf = None
+            if videos[items[idx[0]][0]] is not None:
+                vf = torch.stack([feats(str(media_path({"video": str(videos[items[j][0]])}, root))) for j in idx])
+                vf = vf.to(model.device)
+            inp = model.build_inputs(ids.to(model.device), mask.to(model.device), vf, labels.to(model.device))
+            lab = inp.pop("labels")[:, 1:]
+            logp = torch.log_softmax(model.lm(**inp).logits[:, :-1].float(), -1)
+            tot = (logp.gather(-1, lab.clamp(min=0).unsqueeze(-1)).squeeze(-1) * (lab != -100)).sum(-1).cpu()
+            for r, j in enumerate(idx): out[items[j]] = tot[r].item()
+    finally:
+        model.train(was_training)
+    return out
+
+
+def lmm_scorer(model: VideoLMM, features: Callable, root=None, batch_size: int = 32, resample: bool = False,
+               progress: bool = False, desc: str = "score") -> ScoreFn:
+    "A `ScoreFn` from `model`: `fn(questions, videos, options) -> log-probs [N, K]` (see `option_logprobs`)."
+    return lambda questions, videos, options: option_logprobs(model, features, questions, videos, options, root,
+                                                              batch_size, resample, progress, desc)
+
+# %% ../nbs/06_feedback.ipynb #0b7cbb72
+JUDGE_FORMS = ("verdict", "logprob", "claims")
+VERIFY_TEMPLATE = "{context_block}Question: {question}\nStatement: {statement}\nIs the statement true? Answer yes or no."
+VERIFY_OPTIONS = ("Yes.", "No.")
+
+
+def verify_question(question: str, statement: str, context: str | None = None, with_video: bool = True) -> str:
+    "A claim check: `<image>`, context (if any), the question, one statement of an answer, 'Is the statement true?'."
+    block = CONTEXT_BLOCK.format(context=context.strip()) if context and context.strip() else ""
+    text = VERIFY_TEMPLATE.format(context_block=block, question=question.strip(), statement=statement.strip())
+    return video_question(text) if with_video else text
+
+
+def answer_sentences(answer: str) -> list[str]:
+    "The sentences of an answer (its claims, one check each)."
+    return [s.strip() for s in re.findall(r"[^.!?]+[.!?]*", str(answer)) if s.strip()]
+
+
+def debiased_preference(m_ab: float, m_ba: float, tol: float = 0.0) -> tuple[int | None, str, float]:
+    """Position-debiased pairwise verdict from log-probabilities (as in Lee et al. 2023, RLAIF). `m_ab` = log p("(A)
+    is better.") - log p("(B) is better.") with output_1 shown as (A); `m_ba` the same with the order swapped. A bias
+    `b` towards the letter A adds to both (m_ab = s + b, m_ba = -s + b), so `s = (m_ab - m_ba) / 2` is the judge's
+    preference for output_1 with the bias cancelled. Returns (preference 1|2|None, status, s)."""
+    s = (float(m_ab) - float(m_ba)) / 2
+    if not np.isfinite(s): return None, "unparsable", s
+    if abs(s) <= tol: return None, "tie", s
+    return (1 if s > 0 else 2), "kept", s
+
+
+def claim_preference(score_1: float, score_2: float, tol: float = 1e-6) -> tuple[int | None, str, float]:
+    "Preference from two answers' claim scores (see `judge_pairs_scored`): the higher wins; within `tol`, a tie."
+    d = float(score_1) - float(score_2)
+    if abs(d) <= tol: return None, "tie", d
+    return (1 if d > 0 else 2), "kept", d
+
+
+def judge_pairs_scored(scorer: ScoreFn, questions: Sequence[str], videos: Sequence[str | None],
+                       pairs: Sequence[Sequence[str]], contexts: Sequence[str | None] | None = None,
+                       form: str = "logprob", with_video: bool = True, tol: float | None = None,
+                       criteria: str = JUDGE_CRITERIA) -> list[dict]:
+    """Judge pairs by log-probabilities instead of generated text. `form="logprob"`: the paper's pairwise prompt, both
+    orders, letters' log-probs combined by `debiased_preference`. `form="claims"` (a departure from the paper, as in
+    RLAIF-V): every sentence of each answer is checked on its own (`verify_question`); an answer scores the sum over
+    its sentences of 2 p(yes) - 1 (true claims add, false ones subtract), and `claim_preference` compares the scores.
+    Per pair: dict(preference, status, margin, ...) with `margins` [m_ab, m_ba] or `scores` and `claims` (p(yes)s)."""
+    n = len(pairs)
+    contexts = list(contexts) if contexts is not None else [None] * n
+    if not len(questions) == len(videos) == len(contexts) == n:
+        raise ValueError(f"judge_pairs_scored: {len(questions)} questions, {len(videos)} videos, {n} pairs, "
+                         f"{len(contexts)} contexts")
+    vids = [v if with_video else None for v in videos]
+    if form == "logprob":
+        prompts = [judge_question(q, p[a], p[b], c, criteria, with_video=v is not None)
+                   for q, v, p, c in zip(questions, vids, pairs, contexts) for a, b in ((0, 1), (1, 0))]
+        lp = scorer(prompts, [v for v in vids for _ in range(2)], [VERDICT_TEXT[1], VERDICT_TEXT[2]]) if n else np.zeros((0, 2))
+        m = (lp[:, 0] - lp[:, 1]).reshape(n, 2)
+        out = []
+        for m_ab, m_ba in m:
+            pref, status, s = debiased_preference(m_ab, m_ba, tol or 0.0)
+            out.append(dict(preference=pref, status=status, margin=s, margins=[float(m_ab), float(m_ba)],
+                            verdicts=[1 if m_ab > 0 else 2, 2 if m_ba > 0 else 1]))  # per order, in output_1/2 terms
+        return out
+    if form != "claims": raise ValueError(f"judge_pairs_scored: form must be 'logprob' or 'claims', got {form!r}")
+    prompts, pvids, owner = [], [], []
+    for i, (q, v, p, c) in enumerate(zip(questions, vids, pairs, contexts)):
+        for k in (0, 1):
+            for s in answer_sentences(p[k]):
+                prompts.append(verify_question(q, s, c, with_video=v is not None)); pvids.append(v); owner.append((i, k))
+    lp = scorer(prompts, pvids, list(VERIFY_OPTIONS)) if prompts else np.zeros((0, 2))
+    p_yes = 1 / (1 + np.exp(np.clip(lp[:, 1] - lp[:, 0], -50, 50)))
+    claims = [[[], []] for _ in range(n)]
+    for (i, k), p in zip(owner, p_yes): claims[i][k].append(float(p))
+    out = []
+    for cl in claims:
+        s1, s2 = (sum(2 * p - 1 for p in c) for c in cl)
+        pref, status, d = claim_preference(s1, s2, 1e-6 if tol is None else tol)
+        out.append(dict(preference=pref, status=status, margin=d, scores=[s1, s2], claims=cl))
+    return out
+
+# %% ../nbs/06_feedback.ipynb #150e124c
+def mcnemar_exact(correct_a: Sequence[bool], correct_b: Sequence[bool]) -> dict:
+    """Exact (binomial) McNemar test on paired outcomes: is judge A right more often than judge B on the same items?
+    Only the discordant items count: `a_only` (A right, B wrong) and `b_only`; under the null hypothesis each is a
+    fair coin flip. Returns accuracies, their difference and the two-sided p-value."""
+    a, b = np.asarray(correct_a, bool), np.asarray(correct_b, bool)
+    if a.shape != b.shape: raise ValueError(f"mcnemar_exact: {a.shape} vs {b.shape} outcomes")
+    n01, n10 = int((a & ~b).sum()), int((~a & b).sum())
+    n = n01 + n10
+    pmf = [math.comb(n, i) / 2 ** n for i in range(n + 1)]
+    p = min(1.0, sum(x for x in pmf if x <= pmf[min(n01, n10)] * (1 + 1e-9))) if n else 1.0
+    return dict(n=int(a.size), acc_a=float(a.mean()) if a.size else None, acc_b=float(b.mean()) if b.size else None,
+                diff=float(a.mean() - b.mean()) if a.size else None, a_only=n01, b_only=n10, p=p)
+
 # %% ../nbs/06_feedback.ipynb #d794bc69
 _SWAPS = [tw.COLORS, tw.SHAPES, tuple(tw.MOTION_PHRASE.values()), ("first half", "second half"),
           ("There is one object", "There are two objects", "There are three objects"), ("appears", "disappears"),
@@ -339,13 +501,14 @@ def _split_records(data_dir, split: str) -> list[dict]:
 
 def judge_sft_records(data_dir, split: str = "train", n: int | None = None, seed: int = 0, n_frames: int = 50,
                       n_clips: int = 3, max_clip_frames: int = 20, context_modes: Sequence[str] = ("truth", "none"),
-                      criteria: str = JUDGE_CRITERIA) -> list[dict]:
+                      criteria: str = JUDGE_CRITERIA, videos: Sequence[str] | None = None) -> list[dict]:
     """Toy judging instructions (SFT records) from the facts of `split`: judge_question(question, A, B, context) ->
     `VERDICT_TEXT[toyworld.prefer(...)]`. Context modes cycle through `context_modes` ('truth': ground-truth clip
-    descriptions, 'none'). `n` records (default: one per source record)."""
+    descriptions, 'none'). `n` records (default: one per source record); only about `videos` if given."""
     for m in context_modes:
         if m not in ("truth", "none"): raise ValueError(f"context_modes: expected 'truth' or 'none', got {m!r}")
     facts, src = tw.load_facts(data_dir), _split_records(data_dir, split)
+    if videos is not None: keep = set(videos); src = [r for r in src if r["video_id"] in keep]
     rng = np.random.default_rng([seed, 6])
     n = len(src) if n is None else n
     ctx_cache, out, tries = {}, [], 0
@@ -385,25 +548,99 @@ def clip_caption_records(data_dir, split: str = "train", n_frames: int = 50, n_c
                                            {"from": "gpt", "value": tw.describe(f, video_span(s, f["n_frames"], n_frames))}]))
     return out
 
-# %% ../nbs/06_feedback.ipynb #a7ce5870
-def judge_agreement(judge: GenerateFn, records: Sequence[dict], pairs: Sequence[Sequence[str]], facts: dict[str, dict],
-                    contexts: Sequence[str | None] | None = None, both_orders: bool = True,
-                    with_video: bool = True) -> dict:
-    "Agreement of `judge`'s verdicts on `pairs` (answers to `records`) with the toy-world truth; counts and rates."
-    truth = [tw.prefer(facts[r["video_id"]], r, a, b) for r, (a, b) in zip(records, pairs)]
-    res = judge_pairs(judge, [question_text(r) for r in records], [r["video"] for r in records], pairs, contexts,
-                      both_orders=both_orders, with_video=with_video)
+# %% ../nbs/06_feedback.ipynb #4e45093c
+def judge_skill_videos(data_dir, split: str = "train", fraction: float = 0.5, seed: int = 0) -> list[str]:
+    """A seeded `fraction` of `split`'s video ids, reserved for teaching the toy model to judge: the feedback stage then
+    excludes them (`FeedbackConfig.exclude_videos_file`), so no judged prompt is about a video the judge trained on."""
+    if not 0 < fraction <= 1: raise ValueError(f"judge_skill_videos: fraction must be in (0, 1], got {fraction}")
+    vids = sorted({r["video_id"] for r in _split_records(data_dir, split)})
+    order = np.random.default_rng([seed, 65]).permutation(len(vids))
+    return sorted(vids[i] for i in order[: max(1, round(fraction * len(vids)))])
+
+
+def verify_sft_records(data_dir, split: str = "train", n: int = 1000, seed: int = 0, n_frames: int = 50,
+                       n_clips: int = 3, max_clip_frames: int = 20, context_modes: Sequence[str] = ("truth", "none"),
+                       videos: Sequence[str] | None = None) -> list[dict]:
+    """Toy claim-check instructions from the facts of `split` (only `videos`, if given): `verify_question(question,
+    sentence, context)` -> "Yes." when every claim of the sentence is true, "No." when one is wrong or made up. The
+    sentence comes from the true answer or a corrupted one (`corrupt_answer`); labels are balanced; context modes
+    cycle through `context_modes` ('truth': ground-truth clip descriptions, 'none')."""
+    for m in context_modes:
+        if m not in ("truth", "none"): raise ValueError(f"context_modes: expected 'truth' or 'none', got {m!r}")
+    facts, src = tw.load_facts(data_dir), _split_records(data_dir, split)
+    if videos is not None: keep = set(videos); src = [r for r in src if r["video_id"] in keep]
+    rng = np.random.default_rng([seed, 67])
+    want, out, tries, ctx_cache = {True: n // 2, False: n - n // 2}, [], 0, {}
+    while sum(want.values()) and tries < 50 * max(n, 1) and src:
+        r = src[int(rng.integers(len(src)))]; tries += 1
+        f, truth = facts[r["video_id"]], r["conversations"][1]["value"]
+        ans = truth if rng.random() < 0.4 else corrupt_answer(truth, rng, int(rng.integers(1, 3)))
+        sents = answer_sentences(ans) if ans else []
+        if not sents: continue
+        s = sents[int(rng.integers(len(sents)))]
+        verdicts = [v for v in (tw.check_claim(f, c, r) for c in tw.parse_claims(s)) if v is not None]
+        if not verdicts: continue
+        label = all(v == "correct" for v in verdicts)
+        if want[label] == 0: continue
+        want[label] -= 1
+        mode = context_modes[len(out) % len(context_modes)]
+        if mode == "truth" and r["video_id"] not in ctx_cache:
+            ctx_cache[r["video_id"]] = truth_context(f, n_frames, n_clips, max_clip_frames)
+        ctx = ctx_cache[r["video_id"]] if mode == "truth" else None
+        out.append(dict(id=f"{r['id']}-verify-{len(out)}", video=r["video"], video_id=r["video_id"], task="verify",
+                        difficulty="short", source_id=r["id"], context_mode=mode, label=label,
+                        conversations=[{"from": "human", "value": verify_question(question_text(r), s, ctx)},
+                                       {"from": "gpt", "value": VERIFY_OPTIONS[0] if label else VERIFY_OPTIONS[1]}]))
+    return out
+
+# %% ../nbs/06_feedback.ipynb #11c0e613
+def agreement_stats(judgments: Sequence[dict], truth: Sequence[int]) -> dict:
+    """Counts and rates of `judgments` (from `judge_pairs` or `judge_pairs_scored`) against the truth preferences
+    (1, 2 or 0 for a tie): `agreement` over the kept decidable pairs, `accuracy` over all decidable pairs (a dropped
+    pair is a miss), `first_order_accuracy` from the verdict with the answers in their first order alone."""
+    if len(judgments) != len(truth): raise ValueError(f"{len(judgments)} judgments but {len(truth)} truths")
     decidable = [i for i, t in enumerate(truth) if t != 0]
-    kept = [i for i in decidable if res[i]["status"] == "kept"]
-    agree = [i for i in kept if res[i]["preference"] == truth[i]]
-    first = [i for i in decidable if res[i]["verdicts"][0] == truth[i]]
-    stats = {s: sum(r["status"] == s for r in res) for s in STATUSES}
-    stats.update(n=len(pairs), truth_ties=len(pairs) - len(decidable), decidable=len(decidable),
+    kept = [i for i in decidable if judgments[i]["status"] == "kept"]
+    agree = [i for i in kept if judgments[i]["preference"] == truth[i]]
+    first = [i for i in decidable if (judgments[i].get("verdicts") or [None])[0] == truth[i]]
+    stats = {s: sum(j["status"] == s for j in judgments) for s in STATUSES}
+    stats.update(n=len(judgments), truth_ties=len(judgments) - len(decidable), decidable=len(decidable),
                  kept_decidable=len(kept), agree=len(agree),
                  agreement=len(agree) / len(kept) if kept else None,
                  accuracy=len(agree) / len(decidable) if decidable else None,
                  first_order_accuracy=len(first) / len(decidable) if decidable else None)
-    return dict(stats=stats, judgments=res, truth=truth)
+    return stats
+
+
+def judge_agreement(judge, records: Sequence[dict], pairs: Sequence[Sequence[str]], facts: dict[str, dict],
+                    contexts: Sequence[str | None] | None = None, both_orders: bool = True,
+                    with_video: bool = True, form: str = "verdict") -> dict:
+    """Agreement of a judge's verdicts on `pairs` (answers to `records`) with the toy-world truth. `judge` is a
+    `GenerateFn` for `form="verdict"` and a `ScoreFn` for the log-prob forms. Returns dict(stats, judgments, truth,
+    correct): `correct[i]` says whether decidable pair i was kept and judged right (for paired tests)."""
+    truth = [tw.prefer(facts[r["video_id"]], r, a, b) for r, (a, b) in zip(records, pairs)]
+    args = ([question_text(r) for r in records], [r["video"] for r in records], pairs, contexts)
+    if form == "verdict": res = judge_pairs(judge, *args, both_orders=both_orders, with_video=with_video)
+    else: res = judge_pairs_scored(judge, *args, form=form, with_video=with_video)
+    correct = [res[i]["status"] == "kept" and res[i]["preference"] == t for i, t in enumerate(truth) if t != 0]
+    return dict(stats=agreement_stats(res, truth), judgments=res, truth=truth, correct=correct)
+
+
+def context_agreement(records: Sequence[dict], pairs: Sequence[Sequence[str]], facts: dict[str, dict], contexts: dict,
+                      forms: Sequence[str] = JUDGE_FORMS, verdict_judge: Callable | None = None,
+                      scorer: Callable | None = None, both_orders: bool = True, with_video: bool = True) -> dict:
+    """Does the context help the judge? For each judge form, its `agreement_stats` on the same pairs under each
+    context mode (`contexts`: mode -> contexts or None), the per-pair outcomes (`correct`), and exact McNemar tests
+    of every mode against `"none"`. `verdict_judge()` / `scorer()` return the GenerateFn / ScoreFn (built on demand)."""
+    out = {}
+    for form in forms:
+        j = verdict_judge() if form == "verdict" else scorer()
+        res = {m: judge_agreement(j, records, pairs, facts, c, both_orders, with_video, form) for m, c in contexts.items()}
+        out[form] = {m: dict(r["stats"], correct=r["correct"]) for m, r in res.items()}
+        if "none" in res:
+            out[form]["mcnemar"] = {f"{m}_vs_none": mcnemar_exact(res[m]["correct"], res["none"]["correct"])
+                                    for m in res if m != "none"}
+    return out
 
 
 def corrupted_pairs(data_dir, split: str = "val", n: int | None = None, seed: int = 0) -> tuple[list[dict], list[tuple]]:
@@ -414,6 +651,32 @@ def corrupted_pairs(data_dir, split: str = "val", n: int | None = None, seed: in
         p = parse_judge_question(j["conversations"][0]["value"])
         recs.append(src[j["source_id"]]); pairs.append((p["answer_a"], p["answer_b"]))
     return recs, pairs
+
+# %% ../nbs/06_feedback.ipynb #bc05f9b8
+def plot_context_agreement(ag: dict, path=None, title: str | None = None):
+    """Bar chart of a `context_agreement` result: each judge form's accuracy (kept and right, over the decidable pairs)
+    per context mode, with the exact McNemar p-value of each mode against no context. Saved to `path` if given."""
+    import matplotlib.pyplot as plt
+    forms = [f for f in JUDGE_FORMS if f in ag]
+    modes = [m for m in ("none", "captions", "truth") if any(m in ag[f] for f in forms)]
+    fig, ax = plt.subplots(figsize=(2.2 * len(forms) + 1.5, 3.2))
+    w = 0.8 / max(len(modes), 1)
+    names = dict(none="no context", captions="own clip captions", truth="true clip descriptions")
+    for k, m in enumerate(modes):
+        xs = np.arange(len(forms)) + (k - (len(modes) - 1) / 2) * w
+        acc = [ag[f].get(m, {}).get("accuracy") or 0.0 for f in forms]
+        ax.bar(xs, acc, w, label=names.get(m, m), color=f"C{k}")
+        for x, f, a in zip(xs, forms, acc):
+            p = ag[f].get("mcnemar", {}).get(f"{m}_vs_none", {}).get("p")
+            ax.text(x, a + 0.01, f"{a:.2f}" + ("" if p is None else f"\np={p:.2g}"), ha="center", va="bottom", fontsize=7)
+    n = next((ag[f][m].get("decidable") for f in forms for m in modes if m in ag[f]), None)
+    ax.axhline(0.5, ls=":", c="gray", lw=1)
+    ax.set_xticks(range(len(forms)), forms); ax.set_ylim(0, 1.15)
+    ax.set_ylabel(f"accuracy on {n} decidable pairs", fontsize=8); ax.legend(fontsize=7, loc="upper left", ncol=len(modes))
+    ax.set_title(title or "Judge accuracy by context (p: exact McNemar vs no context)", fontsize=9)
+    fig.tight_layout()
+    if path is not None: fig.savefig(path, dpi=90); plt.close(fig)
+    return fig
 
 # %% ../nbs/06_feedback.ipynb #7d7e96c2
 CONTEXT_MODES = ("captions", "truth", "none")
@@ -442,12 +705,16 @@ class FeedbackConfig(Config):
     n_clips: int = 3                    # paper: 3 clips worked best
     max_clip_frames: int = 20           # paper: clips of at most 20 of the 50 frames
     clip_resample: bool = False         # stretch clips to the video's frame count (True if SFT used ClipFeatures)
-    both_orders: bool = True            # ask (A,B) and (B,A), keep consistent verdicts only
+    both_orders: bool = True            # ask (A,B) and (B,A), keep consistent verdicts only ("verdict" form)
+    judge_form: str = "verdict"         # "verdict" (the paper: generated text) | "logprob" (debiased) | "claims" (ours)
+    judge_tol: float | None = None      # log-prob forms: a margin within this is a tie (None: 0 / 1e-6)
+    exclude_videos_file: str | None = None  # JSON list of video ids never used as prompts (the judge trained on them)
     judge_with_video: bool = True       # the judge sees the video (<image>), as in the paper
     val_count: int = 500                # paper: 500 held-out pairs (at most a fifth of the kept pairs)
     val_fraction: float | None = None   # if set, overrides val_count
     agreement_pairs: int = 0            # toy world: also score the judge on this many held-out pairs of known truth
-    agreement_split: str = "val"        # ... made from this split's facts (`corrupted_pairs`), per context mode
+    agreement_split: str = "val"        # ... the SFT model's own answer pairs to this split's questions
+    agreement_forms: list | None = None  # judge forms measured there (None: all of JUDGE_FORMS)
     device: str | None = None           # None: cuda when available
     progress: bool = True
 
@@ -455,6 +722,9 @@ class FeedbackConfig(Config):
         if self.context not in CONTEXT_MODES: raise ValueError(f"FeedbackConfig.context must be one of {CONTEXT_MODES}, got {self.context!r}")
         if self.val_fraction is not None and not 0 <= self.val_fraction < 1:
             raise ValueError(f"FeedbackConfig.val_fraction must be in [0, 1), got {self.val_fraction}")
+        if self.judge_form not in JUDGE_FORMS: raise ValueError(f"FeedbackConfig.judge_form must be one of {JUDGE_FORMS}, got {self.judge_form!r}")
+        bad = [f for f in (self.agreement_forms or []) if f not in JUDGE_FORMS]
+        if bad: raise ValueError(f"FeedbackConfig.agreement_forms: unknown forms {bad} (known: {JUDGE_FORMS})")
         if self.n_clips < 1 or self.max_clip_frames < 1: raise ValueError("FeedbackConfig: n_clips and max_clip_frames must be >= 1")
 
 # %% ../nbs/06_feedback.ipynb #15f15ad9
@@ -475,10 +745,17 @@ def _phase(path: Path, compute: Callable):
 
 
 def select_prompts(cfg: FeedbackConfig) -> list[dict]:
-    "The (video, question) records to make pairs for: `prompts_file`, filtered by `tasks`, `n_prompts` of them (seeded)."
+    """The (video, question) records to make pairs for: `prompts_file`, filtered by `tasks` and `exclude_videos_file`,
+    `n_prompts` of them (seeded)."""
     p = Path(cfg.prompts_file)
     p = p if p.is_absolute() else Path(cfg.data_dir) / p
-    recs = [r for r in load_records(p, kind="rl") if cfg.tasks is None or r.get("task") in cfg.tasks]
+    skip = set()
+    if cfg.exclude_videos_file:
+        try: skip = set(json.loads(Path(cfg.exclude_videos_file).read_text()))
+        except (OSError, ValueError, TypeError) as e:
+            raise ValueError(f"exclude_videos_file {cfg.exclude_videos_file}: not a JSON list of video ids ({e})") from None
+    recs = [r for r in load_records(p, kind="rl") if (cfg.tasks is None or r.get("task") in cfg.tasks)
+            and r.get("video_id", Path(str(r.get("video", ""))).stem) not in skip]
     order = np.random.default_rng([cfg.seed, 61]).permutation(len(recs))
     if cfg.n_prompts is not None: order = order[: cfg.n_prompts]
     return [recs[i] for i in sorted(order.tolist())]
@@ -504,11 +781,12 @@ def _contexts(cfg, records, caption_fn, n_frames: int) -> dict:
 
 # %% ../nbs/06_feedback.ipynb #0c9669fb
 def run_feedback(cfg: FeedbackConfig, out_dir, judge: GenerateFn | None = None,
-                 sampler: Callable[[int], GenerateFn] | None = None, agreement_judge: GenerateFn | None = None) -> Path:
+                 sampler: Callable[[int], GenerateFn] | None = None, agreement_judge: GenerateFn | None = None,
+                 scorer: ScoreFn | None = None) -> Path:
     """Sample two answers per prompt, build the context, judge both orders, and write the RM data to `out_dir`
     (`rm_train.json`, `rm_val.json`, `stats.json`, `done.json`). `judge` replaces the model judge and `sampler(seed)`
-    the SFT model's answer sampling (tests, oracles, API models); `agreement_judge` is the judge scored in
-    `agreement.json` (default: `judge`, else the model judge)."""
+    the SFT model's answer sampling (tests, oracles, API models); `agreement_judge` is the verdict judge scored in
+    `agreement.json` (default: `judge`, else the model judge); `scorer` replaces the model's log-probs (log-prob forms)."""
     from vlm_rlaif.encoder import EncoderConfig, FeatureCache
     from vlm_rlaif.training import merge_shares, process_device, process_rank
     out = Path(out_dir); out.mkdir(parents=True, exist_ok=True)
@@ -534,6 +812,10 @@ def run_feedback(cfg: FeedbackConfig, out_dir, judge: GenerateFn | None = None,
     def gen(model_dir, **kw):
         return lambda: lmm_generator(load(model_dir), features, root, cfg.batch_size, progress=progress, **kw)
 
+    def score_fn():
+        return scorer or lmm_scorer(load(cfg.judge_model_dir or cfg.sft_model_dir), features, root, cfg.batch_size,
+                                    resample=cfg.clip_resample, progress=progress, desc="judge (log-probs)")
+
     every = select_prompts(cfg)
     share = list(range(rank, len(every), world))
     records = [every[i] for i in share]
@@ -548,10 +830,13 @@ def run_feedback(cfg: FeedbackConfig, out_dir, judge: GenerateFn | None = None,
     todo = [i for i, (a, b) in enumerate(cands["candidates"]) if a.strip() and b.strip() and a.strip() != b.strip()]
 
     def judge_all():
-        j = judge or gen(cfg.judge_model_dir or cfg.sft_model_dir, max_new_tokens=cfg.judge_max_new_tokens, desc="judge")()
-        res = judge_pairs(j, [question_text(records[i]) for i in todo], [records[i]["video"] for i in todo],
-                          [cands["candidates"][i] for i in todo], [ctx[records[i]["video"]]["context"] for i in todo],
-                          both_orders=cfg.both_orders, with_video=cfg.judge_with_video)
+        args = ([question_text(records[i]) for i in todo], [records[i]["video"] for i in todo],
+                [cands["candidates"][i] for i in todo], [ctx[records[i]["video"]]["context"] for i in todo])
+        if judge is None and cfg.judge_form != "verdict":
+            res = judge_pairs_scored(score_fn(), *args, form=cfg.judge_form, with_video=cfg.judge_with_video, tol=cfg.judge_tol)
+        else:
+            j = judge or gen(cfg.judge_model_dir or cfg.sft_model_dir, max_new_tokens=cfg.judge_max_new_tokens, desc="judge")()
+            res = judge_pairs(j, *args, both_orders=cfg.both_orders, with_video=cfg.judge_with_video)
         return {str(i): r for i, r in zip(todo, res)}
     judged = _phase(work / "judgments.json", judge_all)
 
@@ -567,7 +852,7 @@ def run_feedback(cfg: FeedbackConfig, out_dir, judge: GenerateFn | None = None,
         rec = dict(id=f"{r['id']}-pair", video=r["video"], conversations=r["conversations"][:1],
                    output_1={"value": a}, output_2={"value": b}, preference=j["preference"],
                    context=ctx[r["video"]]["context"] or "", context_mode=cfg.context,
-                   judge=dict(raw=j["raw"], verdicts=j["verdicts"]))
+                   judge={k: j[k] for k in ("raw", "verdicts", "margin", "margins", "scores", "claims") if k in j})
         rec.update({k: r[k] for k in ("video_id", "task", "target", "answer") if k in r})
         if r.get("video_id") in facts: rec["truth_preference"] = tw.prefer(facts[r["video_id"]], r, a, b)
         rm.append((share[i], rec))
@@ -583,22 +868,28 @@ def run_feedback(cfg: FeedbackConfig, out_dir, judge: GenerateFn | None = None,
     n_val = round(cfg.val_fraction * len(rm)) if cfg.val_fraction is not None else min(cfg.val_count, len(rm) // 5)
     val, train = [rm[k] for k in sorted(perm[:n_val])], [rm[k] for k in sorted(perm[n_val:])]
     save_records(train, out / "rm_train.json"); save_records(val, out / "rm_val.json")
-    stats.update(n_train=len(train), n_val=len(val), context=cfg.context, both_orders=cfg.both_orders)
+    stats.update(n_train=len(train), n_val=len(val), context=cfg.context, both_orders=cfg.both_orders,
+                 judge_form="verdict" if judge is not None else cfg.judge_form)
     if facts:   # agreement of the kept preferences with the toy-world truth
         dec = [r for r in rm if r.get("truth_preference", 0) != 0]
         stats.update(truth_ties=sum(r.get("truth_preference") == 0 for r in rm), agree=sum(r["preference"] == r["truth_preference"] for r in dec),
                      agreement=(sum(r["preference"] == r["truth_preference"] for r in dec) / len(dec)) if dec else None)
-    if cfg.agreement_pairs and facts:   # the paper's claim on our data: judge agreement by context mode
+    if cfg.agreement_pairs and facts:   # the paper's claim on our data: judge accuracy by context mode
         def agreement():
-            vr, vp = corrupted_pairs(cfg.data_dir, cfg.agreement_split, n=cfg.agreement_pairs, seed=cfg.seed)
-            j = agreement_judge or judge or gen(cfg.judge_model_dir or cfg.sft_model_dir, max_new_tokens=cfg.judge_max_new_tokens, desc="judge")()
+            vr = select_prompts(FeedbackConfig.from_dict({**conf, "prompts_file": f"{cfg.agreement_split}_sft.json",
+                                                          "n_prompts": cfg.agreement_pairs, "tasks": None,
+                                                          "exclude_videos_file": None}))
+            pairs = sample_candidates(sampler, vr, 2, cfg.seed + 7919)
             caps = caption_clips(gen(cfg.sft_model_dir, max_new_tokens=cfg.caption_max_new_tokens, resample=cfg.clip_resample,
                                      desc="clip captions")(), [r["video"] for r in vr], enc.n_frames, cfg.n_clips,
                                  cfg.max_clip_frames)
             ctxs = dict(none=None, captions=[build_context(caps[r["video"]]) for r in vr],
                         truth=[truth_context(facts[r["video_id"]], enc.n_frames, cfg.n_clips, cfg.max_clip_frames) for r in vr])
-            return {m: judge_agreement(j, vr, vp, facts, c, cfg.both_orders, cfg.judge_with_video)["stats"]
-                    for m, c in ctxs.items()}
+            return context_agreement(vr, pairs, facts, ctxs, cfg.agreement_forms or list(JUDGE_FORMS),
+                                     verdict_judge=lambda: agreement_judge or judge or gen(
+                                         cfg.judge_model_dir or cfg.sft_model_dir, max_new_tokens=cfg.judge_max_new_tokens,
+                                         desc="judge")(),
+                                     scorer=score_fn, both_orders=cfg.both_orders, with_video=cfg.judge_with_video)
         stats["judge_agreement"] = _phase(out / "agreement.json", agreement)
     _dump(stats, out / "stats.json")
     _dump(dict(stage="feedback", **stats), out / "done.json")

@@ -15,12 +15,13 @@ import yaml
 from .config import Config
 
 # %% auto #0
-__all__ = ['STAGES', 'SHARED_STAGES', 'FEEDBACK_JUDGES', 'SYSTEMS', 'STAGE_CONFIGS', 'REPORT_SECTIONS', 'STAGE_FNS',
-           'PipelineConfig', 'yaml_load', 'apply_overrides', 'load_config', 'Run', 'stage_toyworld', 'stage_tower',
-           'dataset_videos', 'stage_features', 'run_stage', 'run_pipeline', 'sft_config', 'stage_sft',
-           'feedback_config', 'stage_feedback', 'preference_inputs', 'reward_config', 'stage_reward', 'ppo_config',
-           'stage_ppo', 'dpo_config', 'stage_dpo', 'eval_config', 'stage_eval', 'build_report', 'stage_report',
-           'paired_differences', 'check_config']
+__all__ = ['STAGES', 'SHARED_STAGES', 'JUDGE_RECORD_KEYS', 'FEEDBACK_JUDGES', 'SYSTEMS', 'STAGE_CONFIGS', 'REPORT_SECTIONS',
+           'STAGE_FNS', 'PipelineConfig', 'yaml_load', 'apply_overrides', 'load_config', 'Run', 'stage_toyworld',
+           'stage_tower', 'dataset_videos', 'stage_features', 'run_stage', 'run_pipeline', 'sft_config',
+           'write_judge_records', 'stage_sft', 'feedback_config', 'stage_feedback', 'preference_inputs',
+           'reward_config', 'stage_reward', 'ppo_config', 'toy_gold_monitor', 'stage_ppo', 'dpo_config', 'stage_dpo',
+           'eval_config', 'stage_eval', 'build_report', 'stage_report', 'plot_overoptimisation', 'paired_differences',
+           'check_config']
 
 # %% ../nbs/10_pipeline.ipynb #705fe082
 STAGES = ("toyworld", "tower", "features", "sft", "feedback", "reward", "ppo", "dpo", "eval", "report")
@@ -288,17 +289,36 @@ def sft_config(run: Run):
     return SFTConfig.from_dict(d)
 
 
+JUDGE_RECORD_KEYS = ("pairwise", "claims", "videos", "seed")
+
+
+def write_judge_records(run: Run, spec: dict) -> Path:
+    """Toy world: the judging instructions of `sft.judge_records` (06_feedback), made from the facts of a reserved
+    share of the training videos: {pairwise: n verdict examples, claims: n claim checks, videos: share of the train
+    videos, seed}. Writes `sft/judge_train.json` and `sft/judge_videos.json` (the feedback stage skips those videos)."""
+    from vlm_rlaif.data import save_records
+    from vlm_rlaif.feedback import judge_sft_records, judge_skill_videos, verify_sft_records
+    from vlm_rlaif.training import atomic_write_text
+    bad = set(spec) - set(JUDGE_RECORD_KEYS)
+    if bad: raise ValueError(f"sft.judge_records: unknown keys {sorted(bad)} (known: {list(JUDGE_RECORD_KEYS)})")
+    d, seed, nf = run.dir("sft"), int(spec.get("seed", 0)), run.encoder_config().n_frames
+    d.mkdir(parents=True, exist_ok=True)
+    vids = judge_skill_videos(run.data_dir, "train", float(spec.get("videos", 0.5)), seed)
+    clip = dict(n_clips=(run.cfg.feedback or {}).get("n_clips", 3), max_clip_frames=(run.cfg.feedback or {}).get("max_clip_frames", 20))
+    recs = []
+    if spec.get("pairwise"): recs += judge_sft_records(run.data_dir, "train", n=int(spec["pairwise"]), seed=seed, n_frames=nf, videos=vids, **clip)
+    if spec.get("claims"): recs += verify_sft_records(run.data_dir, "train", n=int(spec["claims"]), seed=seed, n_frames=nf, videos=vids, **clip)
+    atomic_write_text(d / "judge_videos.json", json.dumps(vids))
+    save_records(recs, d / "judge_train.json")
+    return d / "judge_train.json"
+
+
 def stage_sft(run: Run, progress: bool = True) -> dict:
     "Curriculum SFT (05_sft); toy world: plus the judging instructions made from the facts."
     from vlm_rlaif.sft import train_sft
     from vlm_rlaif.training import read_metrics
     cfg, judge = sft_config(run), (run.cfg.sft or {}).get("judge_records")
-    path = run.dir("sft") / "judge_train.json"
-    if judge is not None and not path.exists():  # toy world: {n, seed} of judging instructions from the facts
-        from vlm_rlaif.data import save_records
-        from vlm_rlaif.feedback import judge_sft_records
-        recs = judge_sft_records(run.data_dir, "train", n_frames=run.encoder_config().n_frames, **judge)
-        path.parent.mkdir(parents=True, exist_ok=True); save_records(recs, path)
+    if judge is not None and not (run.dir("sft") / "judge_train.json").exists(): write_judge_records(run, judge)
     out = train_sft(cfg, run.dir("sft"), progress=progress)
     m = [r for r in read_metrics(out / "metrics.jsonl") if "loss" in r]
     return dict(steps=m[-1].get("step") if m else None, final_loss=round(m[-1]["loss"], 4) if m else None)
@@ -313,6 +333,8 @@ def feedback_config(run: Run):
                  features_dir=str(run.features_dir), encoder=run.encoder_dict())
     judge = d.pop("judge", "model")
     if judge not in FEEDBACK_JUDGES: raise ValueError(f"feedback.judge must be one of {FEEDBACK_JUDGES}, got {judge!r}")
+    if (run.dir("sft") / "judge_videos.json").exists():   # never judge prompts about the judge's training videos
+        d.setdefault("exclude_videos_file", str(run.dir("sft") / "judge_videos.json"))
     return FeedbackConfig.from_dict(d)
 
 
@@ -369,11 +391,20 @@ def ppo_config(run: Run):
                                         data_root=str(run.data_dir), encoder=run.encoder_dict()))
 
 
+def toy_gold_monitor(data_dir):
+    """`monitor_fn` for `train_ppo` on the toy world: the exact toy-world quality (0-5) of each rollout. It is only
+    logged (`objective/monitor`), never rewarded: with the RM's score against KL it shows over-optimisation."""
+    from vlm_rlaif.toyworld import load_facts, quality, score_answer
+    facts = load_facts(data_dir)
+    return lambda recs, texts: [quality(score_answer(facts[r["video_id"]], r, t)) for r, t in zip(recs, texts)]
+
+
 def stage_ppo(run: Run, progress: bool = True) -> dict:
-    "PPO against the reward model (08_ppo)."
+    "PPO against the reward model (08_ppo); toy world: the rollouts' exact quality is logged beside the RM score."
     from dataclasses import replace
     from vlm_rlaif.ppo import train_ppo
-    train_ppo(replace(ppo_config(run), progress=progress), run.dir("ppo"))
+    monitor = toy_gold_monitor(run.data_dir) if run.cfg.toyworld is not None else None
+    train_ppo(replace(ppo_config(run), progress=progress), run.dir("ppo"), monitor_fn=monitor)
     return {}
 
 
@@ -492,23 +523,35 @@ def _section_feedback(run: Run, figdir: Path) -> str:
     keys = [k for k in ("generated", "empty", "identical", "kept", "inconsistent", "unparsable", "tie", "n_train", "n_val",
                         "agreement") if k in st]
     oracle = (run.cfg.feedback or {}).get("judge", "model") == "oracle"
-    lines = [("Preferences judged by **the toy-world oracle** (`feedback.judge: oracle`), standing in for the SFT model's "
-              "own judging, which is measured below." if oracle else "Preferences judged by **the SFT model itself** "
-              f"with context `{st.get('context')}`, both answer orders asked (inconsistent verdicts dropped)."), "",
+    form = st.get("judge_form", "verdict")
+    lines = [("Preferences judged by **the toy-world oracle** (`feedback.judge: oracle`, an ablation: the upper bound), "
+              "not by the SFT model." if oracle else f"Preferences judged by **the SFT model itself** (judge form "
+              f"`{form}`) with context `{st.get('context')}`: its own clip captions."), "",
              f"Of {st.get('generated')} prompts, {st.get('kept')} pairs were kept; `agreement` is the share of kept "
-             "pairs whose preference matches the toy-world truth.", "","| " + " | ".join(keys) + " |", "|" + "---|" * len(keys),
+             "pairs whose preference matches the toy-world truth (the oracle, never shown to the judge).", "",
+             "| " + " | ".join(keys) + " |", "|" + "---|" * len(keys),
              "| " + " | ".join(f"{st[k]:.3f}" if isinstance(st[k], float) else str(st[k]) for k in keys) + " |"]
     ag = _read_json(run.dir("feedback") / "agreement.json")
-    if ag:
-        lines += ["", f"The SFT model as judge on {next(iter(ag.values())).get('n')} held-out answer pairs of known truth, by the "
-                  "context it sees (the paper's claim: context helps). *First-order accuracy*: its verdict with the answers "
-                  "in one order; *kept*: verdicts consistent when the order is swapped; *accuracy*: kept and right, over all.", "",
-                  "| context | first-order accuracy | kept | inconsistent | unparsable | agreement (kept) | accuracy |",
+    if ag and all(isinstance(v, dict) and "none" in v for v in ag.values()):
+        from vlm_rlaif.feedback import JUDGE_FORMS, plot_context_agreement
+        n = next(iter(next(iter(ag.values())).values())).get("n")
+        lines += ["", f"**Does the context help the judge?** The SFT model judges {n} pairs of its own sampled answers to "
+                  "held-out questions, with no context, with its own clip captions (the paper) and with the true clip "
+                  "descriptions. *accuracy*: kept and right, over the pairs the truth decides (dropped = wrong); "
+                  "*p*: exact McNemar test against no context on the same pairs.", "",
+                  "| form | context | kept | agreement (kept) | accuracy | vs none: better / worse pairs | p |",
                   "|---|---|---|---|---|---|---|"]
         f = lambda v: "–" if v is None else f"{v:.3f}"
-        for mode, a in ag.items():
-            lines.append(f"| {mode} | {f(a.get('first_order_accuracy'))} | {a.get('kept')} | {a.get('inconsistent')} | "
-                         f"{a.get('unparsable')} | {f(a.get('agreement'))} | {f(a.get('accuracy'))} |")
+        for fm in [x for x in JUDGE_FORMS if x in ag]:
+            for mode in ("none", "captions", "truth"):
+                a = ag[fm].get(mode)
+                if not a: continue
+                mc = ag[fm].get("mcnemar", {}).get(f"{mode}_vs_none")
+                vs = f"{mc['a_only']} / {mc['b_only']}" if mc else ""
+                lines.append(f"| {fm} | {mode} | {a.get('kept_decidable')}/{a.get('decidable')} | {f(a.get('agreement'))} | "
+                             f"{f(a.get('accuracy'))} | {vs} | {f(mc['p']) if mc else ''} |")
+        plot_context_agreement(ag, figdir / "judge_context.png")
+        lines += ["", "![judge accuracy by context](figures/judge_context.png)"]
     return "\n".join(lines)
 
 
@@ -520,12 +563,39 @@ def _section_reward(run: Run, figdir: Path) -> str:
     return out
 
 
+def plot_overoptimisation(metrics_path, path=None, smooth: int = 5):
+    """The reward model's score (the proxy) and the exact toy-world quality of the same rollouts (the gold score,
+    logged as `objective/monitor`), both against the KL to the SFT policy over PPO steps (moving averages)."""
+    import matplotlib; matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+    from vlm_rlaif.training import read_metrics
+    rows = [r for r in read_metrics(metrics_path) if r.get("objective/monitor") is not None and "objective/kl" in r]
+    if len(rows) < 2: return None
+    ma = lambda x: np.convolve(x, np.ones(min(smooth, len(x))) / min(smooth, len(x)), mode="valid")
+    kl, rm, gold = (ma(np.array([r[k] for r in rows], float)) for k in ("objective/kl", "objective/scores", "objective/monitor"))
+    fig, ax = plt.subplots(figsize=(5.2, 3.2))
+    ax.plot(kl, rm, "C0-", label="reward model score (proxy)")
+    ax.set_xlabel("KL(policy || SFT) per answer, nats"); ax.set_ylabel("RM score", color="C0")
+    ax2 = ax.twinx(); ax2.plot(kl, gold, "C3-", label="exact toy-world quality (gold)")
+    ax2.set_ylabel("gold quality (0-5)", color="C3")
+    k = int(np.argmax(gold)); ax2.plot([kl[k]], [gold[k]], "C3o")
+    ax.set_title(f"PPO: proxy vs gold (moving average of {min(smooth, len(rows))} steps)", fontsize=9)
+    fig.legend(loc="lower center", fontsize=7, ncol=2, bbox_to_anchor=(0.5, -0.02)); fig.tight_layout(rect=(0, 0.06, 1, 1))
+    if path is not None: fig.savefig(path, dpi=90); plt.close(fig)
+    return fig
+
+
 def _section_ppo(run: Run, figdir: Path) -> str:
     fig = _plot_curves(run.dir("ppo") / "metrics.jsonl", {"RM score": "objective/scores", "KL": "objective/kl",
-                       "RLHF reward (score - KL)": "objective/rlhf_reward",
-                       "response length": "val/response_length", "EOS fraction": "val/eos_fraction"},
-                       "PPO", figdir, "ppo_curves.png")
-    return f"![ppo](figures/{fig})" if fig else ""
+                       "gold quality": "objective/monitor", "response length": "val/response_length",
+                       "EOS fraction": "val/eos_fraction"}, "PPO", figdir, "ppo_curves.png")
+    out = [f"![ppo](figures/{fig})"] if fig else []
+    if plot_overoptimisation(run.dir("ppo") / "metrics.jsonl", figdir / "ppo_overoptimisation.png") is not None:
+        out += ["", "The reward model's score and the exact quality of the same rollouts against the KL to the SFT policy: "
+                "where the proxy keeps rising while the gold score stops or falls, PPO is optimising the reward model's "
+                "errors (over-optimisation).", "", "![over-optimisation](figures/ppo_overoptimisation.png)"]
+    return "\n".join(out)
 
 
 def paired_differences(base_dir, other_dir) -> dict:
