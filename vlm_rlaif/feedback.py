@@ -31,10 +31,10 @@ __all__ = ['CAPTION_PROMPT', 'JUDGE_CRITERIA', 'CONTEXT_BLOCK', 'JUDGE_TEMPLATE'
            'combine_verdicts', 'clip_spans', 'clip_features', 'video_span', 'build_context', 'truth_context',
            'clip_video_path', 'split_clip_path', 'ClipFeatures', 'lmm_generator', 'sample_candidates', 'caption_clips',
            'judge_pairs', 'truth_judge', 'option_logprobs', 'lmm_scorer', 'verify_question', 'answer_sentences',
-           'debiased_preference', 'claim_preference', 'judge_pairs_scored', 'mcnemar_exact', 'corrupt_answer',
-           'judge_sft_records', 'clip_caption_records', 'judge_skill_videos', 'verify_sft_records', 'agreement_stats',
-           'judge_agreement', 'context_agreement', 'corrupted_pairs', 'plot_context_agreement', 'FeedbackConfig',
-           'select_prompts', 'run_feedback']
+           'select_evidence', 'debiased_preference', 'claim_preference', 'judge_pairs_scored', 'mcnemar_exact',
+           'corrupt_answer', 'judge_sft_records', 'clip_caption_records', 'judge_skill_videos', 'verify_sft_records',
+           'agreement_stats', 'judge_agreement', 'context_agreement', 'corrupted_pairs', 'plot_context_agreement',
+           'FeedbackConfig', 'select_prompts', 'run_feedback']
 
 # %% ../nbs/06_feedback.ipynb #55789ba8
 CAPTION_PROMPT = "Describe this video in detail."  # the paper's clip-captioning instruction
@@ -309,7 +309,7 @@ def truth_judge(facts: dict[str, dict], records: Sequence[dict] | None = None) -
 
     return generate
 
-# %% ../nbs/06_feedback.ipynb #5c0981ad
+# %% ../nbs/06_feedback.ipynb #ea7ff63d
 ScoreFn = Callable[[Sequence[str], Sequence[str | None], Sequence[str]], np.ndarray]
 
 
@@ -373,7 +373,7 @@ def lmm_scorer(model: VideoLMM, features: Callable, root=None, batch_size: int =
     return lambda questions, videos, options: option_logprobs(model, features, questions, videos, options, root,
                                                               batch_size, resample, progress, desc)
 
-# %% ../nbs/06_feedback.ipynb #0b7cbb72
+# %% ../nbs/06_feedback.ipynb #587de8e9
 JUDGE_FORMS = ("verdict", "logprob", "claims")
 VERIFY_TEMPLATE = "{context_block}Question: {question}\nStatement: {statement}\nIs the statement true? Answer yes or no."
 VERIFY_OPTIONS = ("Yes.", "No.")
@@ -388,7 +388,25 @@ def verify_question(question: str, statement: str, context: str | None = None, w
 
 def answer_sentences(answer: str) -> list[str]:
     "The sentences of an answer (its claims, one check each)."
-    return [s.strip() for s in re.findall(r"[^.!?]+[.!?]*", str(answer)) if s.strip()]
+    return [s.strip() for s in re.findall(r"[^.!?\n]+[.!?]*", str(answer)) if s.strip()]
+
+
+_STOP = set("a an the is are was were be in on of to and or then it its at first second half video there this that "
+            "does do did what which how yes no not".split())
+
+
+def _content_words(text: str) -> set:
+    return {w for w in re.findall(r"[a-z]+", str(text).lower()) if w not in _STOP}
+
+
+def select_evidence(context: str | None, statement: str, k: int = 3) -> str | None:
+    """The `k` sentences of `context` that share the most content words with `statement`, in their original order
+    (None when none shares a word). A claim check then reads a few relevant sentences instead of the whole narrative."""
+    if not context or not k: return context
+    sents = list(dict.fromkeys(answer_sentences(context)))
+    overlap = [(len(_content_words(s) & _content_words(statement)), -i) for i, s in enumerate(sents)]
+    keep = sorted(-i for o, i in sorted(overlap, reverse=True)[:k] if o > 0)
+    return " ".join(sents[i] for i in keep) or None
 
 
 def debiased_preference(m_ab: float, m_ba: float, tol: float = 0.0) -> tuple[int | None, str, float]:
@@ -412,11 +430,12 @@ def claim_preference(score_1: float, score_2: float, tol: float = 1e-6) -> tuple
 def judge_pairs_scored(scorer: ScoreFn, questions: Sequence[str], videos: Sequence[str | None],
                        pairs: Sequence[Sequence[str]], contexts: Sequence[str | None] | None = None,
                        form: str = "logprob", with_video: bool = True, tol: float | None = None,
-                       criteria: str = JUDGE_CRITERIA) -> list[dict]:
+                       criteria: str = JUDGE_CRITERIA, evidence: int | None = None) -> list[dict]:
     """Judge pairs by log-probabilities instead of generated text. `form="logprob"`: the paper's pairwise prompt, both
     orders, letters' log-probs combined by `debiased_preference`. `form="claims"` (a departure from the paper, as in
     RLAIF-V): every sentence of each answer is checked on its own (`verify_question`); an answer scores the sum over
-    its sentences of 2 p(yes) - 1 (true claims add, false ones subtract), and `claim_preference` compares the scores.
+    its sentences of 2 p(yes) - 1 (true claims add, false ones subtract), and `claim_preference` compares the scores;
+    with `evidence=k` each check sees only the `k` context sentences closest to its statement (`select_evidence`).
     Per pair: dict(preference, status, margin, ...) with `margins` [m_ab, m_ba] or `scores` and `claims` (p(yes)s)."""
     n = len(pairs)
     contexts = list(contexts) if contexts is not None else [None] * n
@@ -440,7 +459,8 @@ def judge_pairs_scored(scorer: ScoreFn, questions: Sequence[str], videos: Sequen
     for i, (q, v, p, c) in enumerate(zip(questions, vids, pairs, contexts)):
         for k in (0, 1):
             for s in answer_sentences(p[k]):
-                prompts.append(verify_question(q, s, c, with_video=v is not None)); pvids.append(v); owner.append((i, k))
+                ev = select_evidence(c, s, evidence) if evidence else c
+                prompts.append(verify_question(q, s, ev, with_video=v is not None)); pvids.append(v); owner.append((i, k))
     lp = scorer(prompts, pvids, list(VERIFY_OPTIONS)) if prompts else np.zeros((0, 2))
     p_yes = 1 / (1 + np.exp(np.clip(lp[:, 1] - lp[:, 0], -50, 50)))
     claims = [[[], []] for _ in range(n)]
@@ -452,7 +472,7 @@ def judge_pairs_scored(scorer: ScoreFn, questions: Sequence[str], videos: Sequen
         out.append(dict(preference=pref, status=status, margin=d, scores=[s1, s2], claims=cl))
     return out
 
-# %% ../nbs/06_feedback.ipynb #150e124c
+# %% ../nbs/06_feedback.ipynb #a95f1446
 def mcnemar_exact(correct_a: Sequence[bool], correct_b: Sequence[bool]) -> dict:
     """Exact (binomial) McNemar test on paired outcomes: is judge A right more often than judge B on the same items?
     Only the discordant items count: `a_only` (A right, B wrong) and `b_only`; under the null hypothesis each is a
@@ -548,7 +568,7 @@ def clip_caption_records(data_dir, split: str = "train", n_frames: int = 50, n_c
                                            {"from": "gpt", "value": tw.describe(f, video_span(s, f["n_frames"], n_frames))}]))
     return out
 
-# %% ../nbs/06_feedback.ipynb #4e45093c
+# %% ../nbs/06_feedback.ipynb #015ac52c
 def judge_skill_videos(data_dir, split: str = "train", fraction: float = 0.5, seed: int = 0) -> list[str]:
     """A seeded `fraction` of `split`'s video ids, reserved for teaching the toy model to judge: the feedback stage then
     excludes them (`FeedbackConfig.exclude_videos_file`), so no judged prompt is about a video the judge trained on."""
@@ -560,11 +580,12 @@ def judge_skill_videos(data_dir, split: str = "train", fraction: float = 0.5, se
 
 def verify_sft_records(data_dir, split: str = "train", n: int = 1000, seed: int = 0, n_frames: int = 50,
                        n_clips: int = 3, max_clip_frames: int = 20, context_modes: Sequence[str] = ("truth", "none"),
-                       videos: Sequence[str] | None = None) -> list[dict]:
+                       videos: Sequence[str] | None = None, evidence: int | None = None) -> list[dict]:
     """Toy claim-check instructions from the facts of `split` (only `videos`, if given): `verify_question(question,
     sentence, context)` -> "Yes." when every claim of the sentence is true, "No." when one is wrong or made up. The
     sentence comes from the true answer or a corrupted one (`corrupt_answer`); labels are balanced; context modes
-    cycle through `context_modes` ('truth': ground-truth clip descriptions, 'none')."""
+    cycle through `context_modes` ('truth': ground-truth clip descriptions, 'none'); `evidence=k`: the context is cut
+    to the statement's `k` closest sentences, as the `claims` judge will see it."""
     for m in context_modes:
         if m not in ("truth", "none"): raise ValueError(f"context_modes: expected 'truth' or 'none', got {m!r}")
     facts, src = tw.load_facts(data_dir), _split_records(data_dir, split)
@@ -587,13 +608,14 @@ def verify_sft_records(data_dir, split: str = "train", n: int = 1000, seed: int 
         if mode == "truth" and r["video_id"] not in ctx_cache:
             ctx_cache[r["video_id"]] = truth_context(f, n_frames, n_clips, max_clip_frames)
         ctx = ctx_cache[r["video_id"]] if mode == "truth" else None
+        if evidence: ctx = select_evidence(ctx, s, evidence)
         out.append(dict(id=f"{r['id']}-verify-{len(out)}", video=r["video"], video_id=r["video_id"], task="verify",
                         difficulty="short", source_id=r["id"], context_mode=mode, label=label,
                         conversations=[{"from": "human", "value": verify_question(question_text(r), s, ctx)},
                                        {"from": "gpt", "value": VERIFY_OPTIONS[0] if label else VERIFY_OPTIONS[1]}]))
     return out
 
-# %% ../nbs/06_feedback.ipynb #11c0e613
+# %% ../nbs/06_feedback.ipynb #50afb979
 def agreement_stats(judgments: Sequence[dict], truth: Sequence[int]) -> dict:
     """Counts and rates of `judgments` (from `judge_pairs` or `judge_pairs_scored`) against the truth preferences
     (1, 2 or 0 for a tie): `agreement` over the kept decidable pairs, `accuracy` over all decidable pairs (a dropped
@@ -614,28 +636,29 @@ def agreement_stats(judgments: Sequence[dict], truth: Sequence[int]) -> dict:
 
 def judge_agreement(judge, records: Sequence[dict], pairs: Sequence[Sequence[str]], facts: dict[str, dict],
                     contexts: Sequence[str | None] | None = None, both_orders: bool = True,
-                    with_video: bool = True, form: str = "verdict") -> dict:
+                    with_video: bool = True, form: str = "verdict", evidence: int | None = None) -> dict:
     """Agreement of a judge's verdicts on `pairs` (answers to `records`) with the toy-world truth. `judge` is a
     `GenerateFn` for `form="verdict"` and a `ScoreFn` for the log-prob forms. Returns dict(stats, judgments, truth,
     correct): `correct[i]` says whether decidable pair i was kept and judged right (for paired tests)."""
     truth = [tw.prefer(facts[r["video_id"]], r, a, b) for r, (a, b) in zip(records, pairs)]
     args = ([question_text(r) for r in records], [r["video"] for r in records], pairs, contexts)
     if form == "verdict": res = judge_pairs(judge, *args, both_orders=both_orders, with_video=with_video)
-    else: res = judge_pairs_scored(judge, *args, form=form, with_video=with_video)
+    else: res = judge_pairs_scored(judge, *args, form=form, with_video=with_video, evidence=evidence)
     correct = [res[i]["status"] == "kept" and res[i]["preference"] == t for i, t in enumerate(truth) if t != 0]
     return dict(stats=agreement_stats(res, truth), judgments=res, truth=truth, correct=correct)
 
 
 def context_agreement(records: Sequence[dict], pairs: Sequence[Sequence[str]], facts: dict[str, dict], contexts: dict,
                       forms: Sequence[str] = JUDGE_FORMS, verdict_judge: Callable | None = None,
-                      scorer: Callable | None = None, both_orders: bool = True, with_video: bool = True) -> dict:
+                      scorer: Callable | None = None, both_orders: bool = True, with_video: bool = True,
+                      evidence: int | None = None) -> dict:
     """Does the context help the judge? For each judge form, its `agreement_stats` on the same pairs under each
     context mode (`contexts`: mode -> contexts or None), the per-pair outcomes (`correct`), and exact McNemar tests
     of every mode against `"none"`. `verdict_judge()` / `scorer()` return the GenerateFn / ScoreFn (built on demand)."""
     out = {}
     for form in forms:
         j = verdict_judge() if form == "verdict" else scorer()
-        res = {m: judge_agreement(j, records, pairs, facts, c, both_orders, with_video, form) for m, c in contexts.items()}
+        res = {m: judge_agreement(j, records, pairs, facts, c, both_orders, with_video, form, evidence) for m, c in contexts.items()}
         out[form] = {m: dict(r["stats"], correct=r["correct"]) for m, r in res.items()}
         if "none" in res:
             out[form]["mcnemar"] = {f"{m}_vs_none": mcnemar_exact(res[m]["correct"], res["none"]["correct"])
@@ -652,7 +675,7 @@ def corrupted_pairs(data_dir, split: str = "val", n: int | None = None, seed: in
         recs.append(src[j["source_id"]]); pairs.append((p["answer_a"], p["answer_b"]))
     return recs, pairs
 
-# %% ../nbs/06_feedback.ipynb #bc05f9b8
+# %% ../nbs/06_feedback.ipynb #961df938
 def plot_context_agreement(ag: dict, path=None, title: str | None = None):
     """Bar chart of a `context_agreement` result: each judge form's accuracy (kept and right, over the decidable pairs)
     per context mode, with the exact McNemar p-value of each mode against no context. Saved to `path` if given."""
@@ -708,6 +731,7 @@ class FeedbackConfig(Config):
     both_orders: bool = True            # ask (A,B) and (B,A), keep consistent verdicts only ("verdict" form)
     judge_form: str = "verdict"         # "verdict" (the paper: generated text) | "logprob" (debiased) | "claims" (ours)
     judge_tol: float | None = None      # log-prob forms: a margin within this is a tie (None: 0 / 1e-6)
+    claim_evidence: int | None = 3      # "claims": each check sees the k context sentences closest to it (None: all)
     exclude_videos_file: str | None = None  # JSON list of video ids never used as prompts (the judge trained on them)
     judge_with_video: bool = True       # the judge sees the video (<image>), as in the paper
     val_count: int = 500                # paper: 500 held-out pairs (at most a fifth of the kept pairs)
@@ -833,7 +857,8 @@ def run_feedback(cfg: FeedbackConfig, out_dir, judge: GenerateFn | None = None,
         args = ([question_text(records[i]) for i in todo], [records[i]["video"] for i in todo],
                 [cands["candidates"][i] for i in todo], [ctx[records[i]["video"]]["context"] for i in todo])
         if judge is None and cfg.judge_form != "verdict":
-            res = judge_pairs_scored(score_fn(), *args, form=cfg.judge_form, with_video=cfg.judge_with_video, tol=cfg.judge_tol)
+            res = judge_pairs_scored(score_fn(), *args, form=cfg.judge_form, with_video=cfg.judge_with_video, tol=cfg.judge_tol,
+                                     evidence=cfg.claim_evidence)
         else:
             j = judge or gen(cfg.judge_model_dir or cfg.sft_model_dir, max_new_tokens=cfg.judge_max_new_tokens, desc="judge")()
             res = judge_pairs(j, *args, both_orders=cfg.both_orders, with_video=cfg.judge_with_video)
@@ -889,7 +914,8 @@ def run_feedback(cfg: FeedbackConfig, out_dir, judge: GenerateFn | None = None,
                                      verdict_judge=lambda: agreement_judge or judge or gen(
                                          cfg.judge_model_dir or cfg.sft_model_dir, max_new_tokens=cfg.judge_max_new_tokens,
                                          desc="judge")(),
-                                     scorer=score_fn, both_orders=cfg.both_orders, with_video=cfg.judge_with_video)
+                                     scorer=score_fn, both_orders=cfg.both_orders, with_video=cfg.judge_with_video,
+                                     evidence=cfg.claim_evidence)
         stats["judge_agreement"] = _phase(out / "agreement.json", agreement)
     _dump(stats, out / "stats.json")
     _dump(dict(stage="feedback", **stats), out / "done.json")

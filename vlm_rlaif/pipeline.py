@@ -307,7 +307,11 @@ def write_judge_records(run: Run, spec: dict) -> Path:
     clip = dict(n_clips=(run.cfg.feedback or {}).get("n_clips", 3), max_clip_frames=(run.cfg.feedback or {}).get("max_clip_frames", 20))
     recs = []
     if spec.get("pairwise"): recs += judge_sft_records(run.data_dir, "train", n=int(spec["pairwise"]), seed=seed, n_frames=nf, videos=vids, **clip)
-    if spec.get("claims"): recs += verify_sft_records(run.data_dir, "train", n=int(spec["claims"]), seed=seed, n_frames=nf, videos=vids, **clip)
+    if spec.get("claims"):   # claim checks in the shape the `claims` judge will ask them (its evidence cut)
+        from vlm_rlaif.feedback import FeedbackConfig
+        ev = (run.cfg.feedback or {}).get("claim_evidence", FeedbackConfig().claim_evidence)
+        recs += verify_sft_records(run.data_dir, "train", n=int(spec["claims"]), seed=seed, n_frames=nf, videos=vids,
+                                   evidence=ev, **clip)
     atomic_write_text(d / "judge_videos.json", json.dumps(vids))
     save_records(recs, d / "judge_train.json")
     return d / "judge_train.json"
