@@ -567,25 +567,31 @@ def _section_reward(run: Run, figdir: Path) -> str:
     return out
 
 
-def plot_overoptimisation(metrics_path, path=None, smooth: int = 5):
+def plot_overoptimisation(metrics_path, path=None, smooth: int | None = None):
     """The reward model's score (the proxy) and the exact toy-world quality of the same rollouts (the gold score,
-    logged as `objective/monitor`), both against the KL to the SFT policy over PPO steps (moving averages)."""
+    logged as `objective/monitor`): left, over PPO steps; right, against the KL to the SFT policy (steps sorted by
+    KL, moving averages of `smooth` steps, default a sixth of them), the over-optimisation picture of Gao et al."""
     import matplotlib; matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import numpy as np
     from vlm_rlaif.training import read_metrics
     rows = [r for r in read_metrics(metrics_path) if r.get("objective/monitor") is not None and "objective/kl" in r]
     if len(rows) < 2: return None
-    ma = lambda x: np.convolve(x, np.ones(min(smooth, len(x))) / min(smooth, len(x)), mode="valid")
-    kl, rm, gold = (ma(np.array([r[k] for r in rows], float)) for k in ("objective/kl", "objective/scores", "objective/monitor"))
-    fig, ax = plt.subplots(figsize=(5.2, 3.2))
-    ax.plot(kl, rm, "C0-", label="reward model score (proxy)")
-    ax.set_xlabel("KL(policy || SFT) per answer, nats"); ax.set_ylabel("RM score", color="C0")
-    ax2 = ax.twinx(); ax2.plot(kl, gold, "C3-", label="exact toy-world quality (gold)")
-    ax2.set_ylabel("gold quality (0-5)", color="C3")
-    k = int(np.argmax(gold)); ax2.plot([kl[k]], [gold[k]], "C3o")
-    ax.set_title(f"PPO: proxy vs gold (moving average of {min(smooth, len(rows))} steps)", fontsize=9)
-    fig.legend(loc="lower center", fontsize=7, ncol=2, bbox_to_anchor=(0.5, -0.02)); fig.tight_layout(rect=(0, 0.06, 1, 1))
+    w = smooth or max(2, len(rows) // 6)
+    ma = lambda x: np.convolve(x, np.ones(w) / w, mode="valid")
+    step, kl, rm, gold = (np.array([r[k] for r in rows], float) for k in ("step", "objective/kl", "objective/scores", "objective/monitor"))
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(9, 3.2))
+    for ax, x, title in ((a1, step, "over PPO steps"), (a2, None, "against KL (steps sorted by KL)")):
+        o = np.arange(len(kl)) if x is not None else np.argsort(kl)
+        xs = ma(step[o]) if x is not None else ma(kl[o])
+        ax.plot(xs, ma(rm[o]), "C0-", label="reward model score (proxy)")
+        ax.set_ylabel("RM score", color="C0"); ax.set_title(title, fontsize=9); ax.grid(alpha=.3)
+        ax2 = ax.twinx(); g = ma(gold[o]); ax2.plot(xs, g, "C3-", label="exact toy-world quality (gold)")
+        ax2.plot([xs[int(np.argmax(g))]], [g.max()], "C3o"); ax2.set_ylabel("gold quality (0-5)", color="C3")
+    a1.set_xlabel("PPO step"); a2.set_xlabel("KL(policy || SFT) per answer, nats")
+    h = [l for ax in (a2, a2.figure.axes[-1]) for l in ax.get_lines()[:1]]
+    fig.legend(h, [l.get_label() for l in h], loc="lower center", fontsize=7, ncol=2)
+    fig.suptitle(f"PPO: proxy vs gold (moving averages of {w} steps)", fontsize=10); fig.tight_layout(rect=(0, 0.07, 1, 1))
     if path is not None: fig.savefig(path, dpi=90); plt.close(fig)
     return fig
 
