@@ -309,7 +309,7 @@ def truth_judge(facts: dict[str, dict], records: Sequence[dict] | None = None) -
 
     return generate
 
-# %% ../nbs/06_feedback.ipynb #ffa97617
+# %% ../nbs/06_feedback.ipynb #0f7b67e9
 ScoreFn = Callable[[Sequence[str], Sequence[str | None], Sequence[str]], np.ndarray]
 
 
@@ -373,7 +373,7 @@ def lmm_scorer(model: VideoLMM, features: Callable, root=None, batch_size: int =
     return lambda questions, videos, options: option_logprobs(model, features, questions, videos, options, root,
                                                               batch_size, resample, progress, desc)
 
-# %% ../nbs/06_feedback.ipynb #2ae6df68
+# %% ../nbs/06_feedback.ipynb #1cca1fde
 JUDGE_FORMS = ("verdict", "logprob", "claims")
 VERIFY_TEMPLATE = "{context_block}Question: {question}\nStatement: {statement}\nIs the statement true? Answer yes or no."
 VERIFY_OPTIONS = ("Yes.", "No.")
@@ -472,7 +472,7 @@ def judge_pairs_scored(scorer: ScoreFn, questions: Sequence[str], videos: Sequen
         out.append(dict(preference=pref, status=status, margin=d, scores=[s1, s2], claims=cl))
     return out
 
-# %% ../nbs/06_feedback.ipynb #ab8064c9
+# %% ../nbs/06_feedback.ipynb #6b1115a4
 def mcnemar_exact(correct_a: Sequence[bool], correct_b: Sequence[bool]) -> dict:
     """Exact (binomial) McNemar test on paired outcomes: is judge A right more often than judge B on the same items?
     Only the discordant items count: `a_only` (A right, B wrong) and `b_only`; under the null hypothesis each is a
@@ -568,7 +568,7 @@ def clip_caption_records(data_dir, split: str = "train", n_frames: int = 50, n_c
                                            {"from": "gpt", "value": tw.describe(f, video_span(s, f["n_frames"], n_frames))}]))
     return out
 
-# %% ../nbs/06_feedback.ipynb #7518f10b
+# %% ../nbs/06_feedback.ipynb #e9e3211c
 def judge_skill_videos(data_dir, split: str = "train", fraction: float = 0.5, seed: int = 0) -> list[str]:
     """A seeded `fraction` of `split`'s video ids, reserved for teaching the toy model to judge: the feedback stage then
     excludes them (`FeedbackConfig.exclude_videos_file`), so no judged prompt is about a video the judge trained on."""
@@ -615,7 +615,7 @@ def verify_sft_records(data_dir, split: str = "train", n: int = 1000, seed: int 
                                        {"from": "gpt", "value": VERIFY_OPTIONS[0] if label else VERIFY_OPTIONS[1]}]))
     return out
 
-# %% ../nbs/06_feedback.ipynb #16fd3968
+# %% ../nbs/06_feedback.ipynb #6da5c052
 def agreement_stats(judgments: Sequence[dict], truth: Sequence[int]) -> dict:
     """Counts and rates of `judgments` (from `judge_pairs` or `judge_pairs_scored`) against the truth preferences
     (1, 2 or 0 for a tie): `agreement` over the kept decidable pairs, `accuracy` over all decidable pairs (a dropped
@@ -675,7 +675,7 @@ def corrupted_pairs(data_dir, split: str = "val", n: int | None = None, seed: in
         recs.append(src[j["source_id"]]); pairs.append((p["answer_a"], p["answer_b"]))
     return recs, pairs
 
-# %% ../nbs/06_feedback.ipynb #dd99fc0a
+# %% ../nbs/06_feedback.ipynb #a63d9d28
 def plot_context_agreement(ag: dict, path=None, title: str | None = None):
     """Bar chart of a `context_agreement` result: each judge form's accuracy (kept and right, over the decidable pairs)
     per context mode, with the exact McNemar p-value of each mode against no context. Saved to `path` if given."""
