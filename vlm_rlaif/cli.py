@@ -10,6 +10,8 @@ import argparse
 import sys
 import time
 
+from fastcore.imports import IN_NOTEBOOK
+
 from .pipeline import STAGES, load_config, run_pipeline
 
 # %% ../nbs/10b_cli.ipynb #c12c9800
@@ -50,4 +52,4 @@ def main(argv=None) -> int:
 
 # %% ../nbs/10b_cli.ipynb #d103e05a
 #| eval: false
-if __name__ == "__main__": sys.exit(main())
+if __name__ == "__main__" and not IN_NOTEBOOK: sys.exit(main())  # `python -m vlm_rlaif.cli`; not a notebook's Run All
