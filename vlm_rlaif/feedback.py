@@ -29,12 +29,12 @@ __all__ = ['CAPTION_PROMPT', 'JUDGE_CRITERIA', 'CONTEXT_BLOCK', 'JUDGE_TEMPLATE'
            'GenerateFn', 'ScoreFn', 'JUDGE_FORMS', 'VERIFY_TEMPLATE', 'VERIFY_OPTIONS', 'CONTEXT_MODES',
            'question_text', 'judge_question', 'parse_judge_question', 'verdict_signals', 'parse_verdict',
            'combine_verdicts', 'clip_spans', 'clip_features', 'video_span', 'build_context', 'truth_context',
-           'clip_video_path', 'split_clip_path', 'ClipFeatures', 'lmm_generator', 'sample_candidates', 'caption_clips',
-           'judge_pairs', 'truth_judge', 'option_logprobs', 'lmm_scorer', 'verify_question', 'answer_sentences',
-           'select_evidence', 'debiased_preference', 'claim_preference', 'judge_pairs_scored', 'mcnemar_exact',
-           'corrupt_answer', 'judge_sft_records', 'clip_caption_records', 'judge_skill_videos', 'verify_sft_records',
-           'agreement_stats', 'judge_agreement', 'context_agreement', 'corrupted_pairs', 'plot_context_agreement',
-           'FeedbackConfig', 'select_prompts', 'run_feedback']
+           'clip_video_path', 'split_clip_path', 'ClipFeatures', 'feature_shape', 'shape_batches', 'lmm_generator',
+           'sample_candidates', 'caption_clips', 'judge_pairs', 'truth_judge', 'option_logprobs', 'lmm_scorer',
+           'verify_question', 'answer_sentences', 'select_evidence', 'debiased_preference', 'claim_preference',
+           'judge_pairs_scored', 'mcnemar_exact', 'corrupt_answer', 'judge_sft_records', 'clip_caption_records',
+           'judge_skill_videos', 'verify_sft_records', 'agreement_stats', 'judge_agreement', 'context_agreement',
+           'corrupted_pairs', 'plot_context_agreement', 'FeedbackConfig', 'select_prompts', 'run_feedback']
 
 # %% ../nbs/06_feedback.ipynb #55789ba8
 CAPTION_PROMPT = "Describe this video in detail."  # the paper's clip-captioning instruction
@@ -199,6 +199,23 @@ class ClipFeatures:
         return x if span is None else clip_features(x, span, self.resample)
 
 # %% ../nbs/06_feedback.ipynb #7d4f4965
+def feature_shape(video, resample: bool = False) -> tuple:
+    "A key that is equal for videos whose features stack into one batch: none, whole videos, or clips of one length."
+    if video is None: return (0,)
+    span = split_clip_path(video)[1]
+    return (1,) if span is None or resample else (2, span[1] - span[0])
+
+
+def shape_batches(shapes: Sequence[tuple], lengths: Sequence[int], batch_size: int) -> list[list[int]]:
+    "Item indices sorted by (shape, length) and cut into batches of at most `batch_size` items of one shape."
+    batches, cur = [], []
+    for i in sorted(range(len(shapes)), key=lambda i: (shapes[i], lengths[i])):
+        if cur and (len(cur) == batch_size or shapes[i] != shapes[cur[0]]): batches.append(cur); cur = []
+        cur.append(i)
+    if cur: batches.append(cur)
+    return batches
+
+
 def lmm_generator(model: VideoLMM, features: Callable, root=None, batch_size: int = 16, max_new_tokens: int = 64,
                   do_sample: bool = False, temperature: float = 1.0, seed: int = 0, resample: bool = False,
                   progress: bool = False, desc: str = "generate") -> GenerateFn:
@@ -207,23 +224,12 @@ def lmm_generator(model: VideoLMM, features: Callable, root=None, batch_size: in
     taken under `root`) or None. Sampling is seeded per batch, so a call is reproducible."""
     feats = ClipFeatures(features, resample)
 
-    def shape_key(v):
-        if v is None: return (0,)
-        span = split_clip_path(v)[1]
-        return (1,) if span is None or resample else (2, span[1] - span[0])
-
     @torch.no_grad()
     def generate(questions: Sequence[str], videos: Sequence[str | None]) -> list[str]:
         if len(questions) != len(videos): raise ValueError(f"{len(questions)} questions but {len(videos)} videos")
         tok, out = model.tokenizer, [None] * len(questions)
         prompts = [build_prompt([{"from": "human", "value": q}], add_generation_prompt=True) for q in questions]
-        order = sorted(range(len(prompts)), key=lambda i: (shape_key(videos[i]), len(prompts[i])))
-        batches, cur = [], []
-        for i in order:
-            if cur and (len(cur) == batch_size or shape_key(videos[i]) != shape_key(videos[cur[0]])):
-                batches.append(cur); cur = []
-            cur.append(i)
-        if cur: batches.append(cur)
+        batches = shape_batches([feature_shape(v, resample) for v in videos], [len(p) for p in prompts], batch_size)
         was_training = model.training
         model.eval()
         try:
@@ -313,11 +319,6 @@ def truth_judge(facts: dict[str, dict], records: Sequence[dict] | None = None) -
 ScoreFn = Callable[[Sequence[str], Sequence[str | None], Sequence[str]], np.ndarray]
 
 
-def _clip_len(video) -> int:
-    span = split_clip_path(video)[1]
-    return 0 if span is None else span[1] - span[0]
-
-
 @torch.no_grad()
 def option_logprobs(model: VideoLMM, features: Callable, questions: Sequence[str], videos: Sequence[str | None],
                     options: Sequence[str], root=None, batch_size: int = 32, resample: bool = False,
@@ -329,17 +330,7 @@ def option_logprobs(model: VideoLMM, features: Callable, questions: Sequence[str
     prompts = [build_prompt([{"from": "human", "value": q}], add_generation_prompt=True) for q in questions]
     items = [(i, k) for i in range(len(prompts)) for k in range(len(options))]
     enc = encode_segments([[prompts[i], " " + options[k]] for i, k in items], tok)
-
-    def group(j):  # items of one batch share one feature shape
-        v = videos[items[j][0]]
-        return (0,) if v is None else (1, 0 if resample else _clip_len(v))
-
-    order = sorted(range(len(items)), key=lambda j: (group(j), len(enc[j][0])))
-    batches, cur = [], []
-    for j in order:
-        if cur and (len(cur) == batch_size or group(j) != group(cur[0])): batches.append(cur); cur = []
-        cur.append(j)
-    if cur: batches.append(cur)
+    batches = shape_batches([feature_shape(videos[i], resample) for i, _ in items], [len(e[0]) for e in enc], batch_size)
     out = np.zeros((len(prompts), len(options)))
     was_training = model.training
     model.eval()
