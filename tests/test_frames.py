@@ -10,9 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from vlm_rlaif.frames import (BACKENDS, VideoError, _pyav_open, _pyav_read, _pyav_scan, load_frames,
-                              num_frames, read_marker, sample_indices, save_frames, synthetic_frames,
-                              write_video)
+from vlm_rlaif.frames import (BACKENDS, VideoError, _pyav_read, load_frames, num_frames, probe_video,
+                              read_marker, sample_indices, save_frames, synthetic_frames, write_video)
 
 SRC = ["decord", "pyav", "jpg", "png"]  # the four ways to get frames
 
@@ -76,17 +75,15 @@ def test_pyav_seeking_reader_random_subsets(videos):
     "The keyframe-skipping PyAV reader returns exactly the wanted frames for arbitrary index sets."
     _, v = videos
     rng = np.random.default_rng(0)
-    c, s = _pyav_open(v["gop"])
-    with c:
-        pts, key = _pyav_scan(v["gop"], c, s)
-        for _ in range(6):
-            want = sorted(rng.choice(120, size=int(rng.integers(1, 12)), replace=False).tolist())
-            st = {}
-            assert markers(_pyav_read(v["gop"], c, s, pts, key, want, st)) == want
-            assert st["decoded"] <= 120
+    info = probe_video(v["gop"])
+    for _ in range(6):
+        want = sorted(rng.choice(120, size=int(rng.integers(1, 12)), replace=False).tolist())
         st = {}
-        _pyav_read(v["gop"], c, s, pts, key, [5, 115], st)
-        assert st["seeks"] == 2 and st["decoded"] < 40    # jumped over the GOPs in between
+        assert markers(_pyav_read(info, want, stats=st)) == want
+        assert st["mode"] == "seek" and st["decoded"] <= 120
+    st = {}
+    _pyav_read(info, [5, 115], stats=st)
+    assert st["seeks"] == 1 and st["decoded"] < 40    # decoded from the start, jumped over the GOPs in between
 
 
 def test_decord_torch_bridge_still_numpy(videos):
