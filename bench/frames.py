@@ -29,7 +29,8 @@ import decord
 import numpy as np
 from av.video.reformatter import VideoReformatter
 
-from vlm_rlaif.frames import _pyav_open, _pyav_read, _pyav_scan, load_frames, sample_indices, synthetic_frames, write_video
+from vlm_rlaif.frames import (_decord_read, _pyav_open, _pyav_read, load_frames, probe_video, sample_indices,
+                              synthetic_frames, write_video)
 
 K = 50
 
@@ -65,22 +66,59 @@ def pyav_decode_all(path, k=K, shared_reformatter=True):
 
 def pyav_library_decoded(path, k=K):
     "Frames decoded (and seeks made) by the library's PyAV reader for k uniform samples."
-    c, s = _pyav_open(Path(path))
-    with c:
-        pts, key = _pyav_scan(Path(path), c, s)
-        st = {}
-        _pyav_read(Path(path), c, s, pts, key, sorted(set(sample_indices(len(pts), k))), st)
+    info = probe_video(path)
+    st = {}
+    _pyav_read(info, sorted(set(info.timeline[i] for i in sample_indices(len(info.timeline), k))), stats=st)
     return st
 
 
 def seek_each_count(path, k=K):
     "Frames seek-each would decode, from the keyframe positions (no decoding)."
-    c, s = _pyav_open(Path(path))
-    with c:
-        pts, key = _pyav_scan(Path(path), c, s)
-    order = {t: i for i, t in enumerate(sorted(pts))}
-    keys = sorted(order[t] for t, kf in zip(pts, key) if kf)
-    return sum(i - max(kk for kk in keys if kk <= i) + 1 for i in sample_indices(len(pts), k))
+    info = probe_video(path)
+    order = {t: i for i, t in enumerate(info.order)}
+    keys = sorted(order[t] for t, kf in zip(info.pts, info.key) if kf)
+    return sum(i - max(kk for kk in keys if kk <= i) + 1 for i in sample_indices(info.n_coded, k))
+
+
+def make_container_videos(d: Path) -> dict[str, Path]:
+    "The same 160x120, 250-frame clip (keyframe every 25 frames) in each codec/container pair the library verifies."
+    H, W, n = 120, 160, 250
+    yy, xx = np.mgrid[:H, :W]
+    frames = np.empty((n, H, W, 3), np.uint8)
+    for i in range(n):
+        frames[i] = ((xx + yy + 3 * i) % 256)[..., None] // np.array([1, 2, 3])
+        x = (i * 2) % (W - 30); frames[i, 45:75, x:x + 30] = (255, (i * 7) % 256, 0)
+    gaps = [i + i // 3 for i in range(n)]
+    spec = {"avi mpeg4 B-frames": ("a.avi", "mpeg4", {"bf": 2, "b": "2M", "g": 25}, None),
+            "avi h264": ("h.avi", "libx264", {"g": 25, "preset": "veryfast"}, None),
+            "mpeg-ts h264": ("h.ts", "libx264", {"g": 25, "preset": "veryfast"}, None),
+            "mkv h264": ("h.mkv", "libx264", {"g": 25, "preset": "veryfast"}, None),
+            "webm vp9": ("v.webm", "libvpx-vp9", {"g": 25, "b": "1M", "deadline": "realtime", "cpu-used": 8}, None),
+            "mp4 h264 B-frames": ("h.mp4", "libx264", {"g": 25, "bf": 3, "preset": "veryfast"}, None),
+            "mp4 variable rate": ("vfr.mp4", "libx264", {"g": 25, "preset": "veryfast"}, gaps),
+            "avi skipped frames": ("s.avi", "mpeg4", {"b": "2M", "g": 25}, gaps)}
+    return {name: write_video(frames, d / f, codec=c, options=o, pts=p) for name, (f, c, o, p) in spec.items()}
+
+
+def bench_containers(d: Path, reps: int):
+    "Per codec/container: the mode each backend chose (verified) and median ms of load_frames; pyav/decord ratio."
+    print("\nper container (160x120, 250 frames, keyframe every 25; load_frames, k=50, verified paths):")
+    print(f"{'video':20s} {'decord mode':>11s} {'pyav mode':>9s} {'decord ms':>9s} {'pyav ms':>8s} {'pyav/decord':>11s}")
+    for name, path in make_container_videos(d).items():
+        info = probe_video(path)
+        want = sorted(set(info.timeline[i] for i in sample_indices(len(info.timeline), K)))
+        modes = {}
+        for b, read in (("decord", _decord_read), ("pyav", _pyav_read)):
+            st = {}; read(info, want, stats=st); modes[b] = st["mode"]
+        x, y = load_frames(path, K, "decord"), load_frames(path, K, "pyav")
+        assert np.abs(x.astype(int) - y).max() <= 3, name
+        times = {"decord": [], "pyav": []}
+        for _ in range(reps):
+            order = list(times); random.shuffle(order)
+            for b in order:
+                t = time.perf_counter(); load_frames(path, K, b); times[b].append(time.perf_counter() - t)
+        md, mp = (statistics.median(times[b]) * 1e3 for b in ("decord", "pyav"))
+        print(f"{name:20s} {modes['decord']:>11s} {modes['pyav']:>9s} {md:9.1f} {mp:8.1f} {mp / md:11.2f}")
 
 
 def make_videos(d: Path) -> dict[str, Path]:
@@ -158,6 +196,7 @@ def main(argv=None):
             with av.open(str(videos[name])) as c: n = sum(1 for p in c.demux(video=0) if p.size)
             print(f"  {name:24s} frames {n:5d} | pyav {st['decoded']:5d} ({st['seeks']} seeks) | decode-all {n:5d} | "
                   f"seek-each {sd}")
+        bench_containers(Path(tmp), args.reps_small)
     print(f"total {time.perf_counter() - t0:.1f} s")
 
 

@@ -92,7 +92,7 @@ def test_decord_torch_bridge_still_numpy(videos):
     _, v = videos
     decord.bridge.set_bridge("torch")
     try:
-        x = load_frames(v["plain"], 5)
+        x = load_frames(v["plain"], 5, "decord")
     finally:
         decord.bridge.reset_bridge()
     assert isinstance(x, np.ndarray) and markers(x) == sample_indices(40, 5)
