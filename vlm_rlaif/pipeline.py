@@ -15,13 +15,13 @@ import yaml
 from .config import Config
 
 # %% auto #0
-__all__ = ['STAGES', 'SHARED_STAGES', 'IGNORED_CHANGES', 'JUDGE_RECORD_KEYS', 'FEEDBACK_JUDGES', 'SYSTEMS', 'STAGE_CONFIGS',
-           'REPORT_SECTIONS', 'STAGE_FNS', 'PipelineConfig', 'yaml_load', 'apply_overrides', 'load_config', 'Run',
-           'stage_toyworld', 'stage_tower', 'dataset_videos', 'stage_features', 'run_stage', 'config_changes',
-           'check_run_config', 'run_pipeline', 'sft_config', 'write_judge_records', 'stage_sft', 'feedback_config',
-           'stage_feedback', 'preference_inputs', 'reward_config', 'stage_reward', 'ppo_config', 'toy_gold_monitor',
-           'stage_ppo', 'dpo_config', 'stage_dpo', 'eval_config', 'stage_eval', 'build_report', 'stage_report',
-           'plot_overoptimisation', 'paired_differences', 'check_config']
+__all__ = ['STAGES', 'SHARED_STAGES', 'RECORD_STAGES', 'IGNORED_CHANGES', 'JUDGE_RECORD_KEYS', 'FEEDBACK_JUDGES', 'SYSTEMS',
+           'STAGE_CONFIGS', 'REPORT_SECTIONS', 'STAGE_FNS', 'PipelineConfig', 'yaml_load', 'apply_overrides',
+           'load_config', 'Run', 'stage_toyworld', 'stage_tower', 'dataset_videos', 'stage_features', 'check_data',
+           'run_stage', 'config_changes', 'check_run_config', 'run_pipeline', 'sft_config', 'write_judge_records',
+           'stage_sft', 'feedback_config', 'stage_feedback', 'preference_inputs', 'reward_config', 'stage_reward',
+           'ppo_config', 'toy_gold_monitor', 'stage_ppo', 'dpo_config', 'stage_dpo', 'eval_config', 'stage_eval',
+           'build_report', 'stage_report', 'plot_overoptimisation', 'paired_differences', 'check_config']
 
 # %% ../nbs/10_pipeline.ipynb #705fe082
 STAGES = ("toyworld", "tower", "features", "sft", "feedback", "reward", "ppo", "dpo", "eval", "report")
@@ -184,16 +184,37 @@ def stage_features(run: Run, progress: bool = True) -> dict:
     videos = dataset_videos(run.data_dir)
     rank, world = process_rank()
     st = run.features().precompute(videos, on_error="skip", progress=progress and rank == 0, rank=rank, world_size=world)
-    counts = dict(computed=st["computed"], cached=st["cached"], failed=len(st["failed"]))
+    counts, bad = dict(computed=st["computed"], cached=st["cached"], failed=len(st["failed"])), [list(f) for f in st["failed"]]
     if world > 1:  # the main process adds up the shares; the others wait for its stage marker
-        parts = merge_shares(counts, [run.root / "stages" / f".features.part{r}.json" for r in range(world)],
+        parts = merge_shares(dict(counts, bad=bad), [run.root / "stages" / f".features.part{r}.json" for r in range(world)],
                              run.marker("features"))
         if parts is None: return {}
-        counts = {k: sum(p[k] for p in parts) for k in counts}
+        counts, bad = {k: sum(p[k] for p in parts) for k in counts}, [b for p in parts for b in p["bad"]]
+    if bad:  # named now, not when a later stage trips over the missing features
+        import warnings
+        names = [str(Path(v).relative_to(run.data_dir)) if Path(v).is_relative_to(run.data_dir) else v for v, _ in bad]
+        warnings.warn(f"features: {len(bad)} video(s) could not be read and have no features; every record that uses "
+                      f"them will fail: " + "; ".join(f"{n} ({why})" for n, (_, why) in zip(names, bad)))
+        return dict(videos=len(videos), **counts, failed_videos=names)
     return dict(videos=len(videos), **counts)
 
 # %% ../nbs/10_pipeline.ipynb #b15c644a
 SHARED_STAGES = ("features", "sft", "feedback", "reward", "ppo", "dpo", "eval")  # run by every process of an `accelerate launch`
+
+
+RECORD_STAGES = ("sft", "feedback", "reward", "ppo", "dpo", "eval")  # read the instruction files: checked first
+
+
+def check_data(run: Run) -> int:
+    """Validate every instruction file of the run's data (`*.json` but `dataset.json`) as SFT records (04_data's
+    `load_records`), once per `Run`: invalid JSON, a record without `video` or with a broken conversation is a
+    `DataError` naming the file and the record, before a stage's own code reads the file with fewer checks.
+    Returns the number of records."""
+    from vlm_rlaif.data import load_records
+    if getattr(run, "_data_checked", None) is None:
+        files = [f for f in sorted(Path(run.data_dir).glob("*.json")) if f.name != "dataset.json"]
+        run._data_checked = sum(len(load_records(f, kind="sft")) for f in files)
+    return run._data_checked
 
 
 def run_stage(run: Run, stage: str, progress: bool = True, force: bool = False) -> dict:
@@ -210,6 +231,7 @@ def run_stage(run: Run, stage: str, progress: bool = True, force: bool = False) 
     if world > 1 and rank > 0 and stage not in SHARED_STAGES:
         if stage != "report": wait_for_files([done], newer_than=t0 if force else 0.0)
         return dict(json.loads(done.read_text()).get("summary", {})) if done.exists() else {}
+    if stage in RECORD_STAGES: check_data(run)
     info = STAGE_FNS[stage](run, progress=progress and rank == 0) or {}
     secs = time.time() - t0
     if rank > 0: return info  # a shared stage: the main process writes the marker
