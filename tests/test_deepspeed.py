@@ -1,6 +1,11 @@
 """DeepSpeed ZeRO-2 and ZeRO-3 through accelerate, on two CPU processes (gloo): SFT, reward model, PPO and DPO
 run, write DeepSpeed checkpoints, resume, save whole weights, and train like plain DDP (same weights). Under
-ZeRO-3, sampling gathers the weights once instead of fetching every layer for every token."""
+ZeRO-3, sampling gathers the weights once instead of fetching every layer for every token.
+
+The equivalence runs train with SGD (momentum 0.9) in AdamW's place: SGD is linear in the gradient, so the
+reduction-order noise between DDP and ZeRO stays noise (~1e-7 of a step), where Adam turns a near-zero gradient's
+noise into a full +-lr step and the comparison becomes a coin toss. (AdamW itself under ZeRO-2 runs in
+test_pipeline_dist.)"""
 import json
 import math
 import textwrap
@@ -29,6 +34,11 @@ SCRIPT = textwrap.dedent('''
     from vlm_rlaif.reward import RewardConfig, train_reward
     from vlm_rlaif.sft import SFTConfig, train_sft
     from vlm_rlaif.training import generation_model, make_accelerator, zero_stage
+
+    class SGDInAdamWsPlace(torch.optim.SGD):  # the trainers build torch.optim.AdamW(params, lr=..., weight_decay=...)
+        def __init__(self, params, lr=1e-3, weight_decay=0.0, **kw):
+            super().__init__(params, lr=lr, momentum=0.9, weight_decay=weight_decay)
+    torch.optim.AdamW = SGDInAdamWsPlace
     c, out = json.loads(Path(sys.argv[1]).read_text()), Path(sys.argv[2])
     ds, report = c["deepspeed_config"], {}
 
@@ -113,12 +123,15 @@ def runs(tmp_path_factory):
                  lora=dict(r=4, alpha=8, dropout=0.0), batch_size=2, lr=1e-3, max_steps=2, save_every=1),
     )
     repo = Path(__file__).resolve().parents[1]
-    bf16 = json.loads((repo / "configs/deepspeed/zero3.json").read_text())
+    for stage in (2, 3):  # the shipped configs, allowing the client optimizer SGD (DeepSpeed refuses it otherwise)
+        ds = json.loads((repo / f"configs/deepspeed/zero{stage}.json").read_text())
+        (root / f"zero{stage}.json").write_text(json.dumps({**ds, "zero_allow_untested_optimizer": True}))
+    bf16 = json.loads((root / "zero3.json").read_text())
     bf16.update(bf16={"enabled": True}, fp16={"enabled": False})  # DeepSpeed's CPU accelerator runs bf16 too
     (root / "zero3_bf16.json").write_text(json.dumps(bf16))
     out = {}
-    for name, ds in (("ddp", None), ("zero2", repo / "configs/deepspeed/zero2.json"),
-                     ("zero3", repo / "configs/deepspeed/zero3.json"), ("zero3_bf16", root / "zero3_bf16.json")):
+    for name, ds in (("ddp", None), ("zero2", root / "zero2.json"), ("zero3", root / "zero3.json"),
+                     ("zero3_bf16", root / "zero3_bf16.json")):
         work = root / name; work.mkdir()
         launch_two_processes(SCRIPT, {**cfg, "deepspeed_config": ds and str(ds)}, work / "out", work, timeout=400)
         out[name] = work / "out"
@@ -139,13 +152,12 @@ def test_deepspeed_really_ran(runs):
         for name in runs: assert (runs[name] / stage / "done.json").exists(), (name, stage)
 
 
-# Full fine-tuning agrees to float noise. The LoRA runs agree to about one Adam step per optimizer step (lr 1e-3):
-# while lora_B is ~0 the gradients of lora_A are ~0 too, and Adam turns their reduction-order noise into steps of up
-# to lr. DPO takes 2 optimizer steps here; PPO 8 (2 rollout steps x 2 epochs x 2 minibatches per process), and 1.7e-3
-# was seen on one machine: its bound is a few Adam steps, and the trained LoRA must also differ from DDP's by much less
-# than it moved from its zero init (so a LoRA that did not train fails).
-@pytest.mark.parametrize("stage,sub,atol", [("sft", "model", 1e-4), ("reward", "model", 1e-4), ("ppo", "policy", 4e-3),
-                                            ("dpo", "policy", 1e-3)])
+# With SGD every run agrees to float noise (gradients differ by reduction order only, and SGD scales that noise by
+# lr instead of amplifying it to +-lr as Adam does): one tolerance for every stage, far above float noise and far
+# below a training step. The trained LoRA must also differ from DDP's by much less than it moved from its zero init
+# (so a LoRA that did not train fails).
+@pytest.mark.parametrize("stage,sub,atol", [("sft", "model", 1e-5), ("reward", "model", 1e-5), ("ppo", "policy", 1e-5),
+                                            ("dpo", "policy", 1e-5)])
 def test_zero_trains_like_ddp(runs, stage, sub, atol):
     "Whole tensors are saved under ZeRO-3 (not empty shards) and all three runs end with the same weights."
     ref = _weights(runs["ddp"] / stage / sub)
@@ -161,7 +173,7 @@ def test_zero_trains_like_ddp(runs, stage, sub, atol):
         if sub == "policy":  # the LoRA's B matrices start at 0: the runs' difference is small next to the training
             moved = max(v.abs().max().item() for k, v in ref.items() if "lora_B" in k)
             diff = max((got[k] - v).abs().max().item() for k, v in ref.items() if "lora_B" in k)
-            assert diff < 0.5 * moved, (name, stage, diff, moved)
+            assert diff < 0.01 * moved, (name, stage, diff, moved)
 
 
 def test_bf16_under_zero3(runs):

@@ -281,7 +281,9 @@ def test_make_judge_settings(toy_data, tiny_hf_judge_dir):
     with pytest.raises(ValueError, match="unknown hf judge settings"): ev.make_judge("hf", {"model_path": "x"})
     with pytest.raises(ValueError, match="no settings"): ev.make_judge("toy", {"x": 1}, toy_data)
     with pytest.raises(ev.JudgeError, match="cannot load"): ev.make_judge("hf", {"model_name_or_path": str(toy_data)})
-    assert ev.make_judge("openai", {"model": "m", "api_key_env": None, "base_url": "http://h/v1"}).model == "m"
+    assert ev.make_judge("openai", {"model": "m", "api_key_env": None, "base_url": "https://h/v1"}).model == "m"
+    with pytest.raises(ev.JudgeError, match="plain http"):  # to another machine: only with allow_http
+        ev.make_judge("openai", {"model": "m", "api_key_env": None, "base_url": "http://h/v1"})
 
 
 # ---------------------------------------------------------------- the stage

@@ -12,7 +12,7 @@ import time
 
 from fastcore.imports import IN_NOTEBOOK
 
-from .pipeline import STAGES, load_config, run_pipeline
+from .pipeline import STAGES, check_config, check_run_config, load_config, run_pipeline
 
 # %% ../nbs/10b_cli.ipynb #c12c9800
 def _parser() -> argparse.ArgumentParser:
@@ -39,7 +39,10 @@ def main(argv=None) -> int:
         from vlm_rlaif.toyworld import main as toy_main
         toy_main(argv[1:]); return 0
     a = _parser().parse_args(argv)
-    cfg = load_config(a.config, a.set)
+    try:  # the whole config, and the run directory's own, before any stage runs: a one-line error naming the key
+        cfg = load_config(a.config, a.set)
+        check_config(cfg, a.out); check_run_config(cfg, a.out)
+    except (ValueError, FileNotFoundError) as e: raise SystemExit(f"vlm-rlaif: {e}") from None
     if a.command == "demo": stages = cfg.stages
     elif a.command == "report": stages = ["report"]
     else:

@@ -12,10 +12,11 @@ import math
 import os
 import random
 import re
+import socket
 import tempfile
+import threading
 import time
-import urllib.error
-import urllib.request
+import urllib.parse
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -401,6 +402,14 @@ class HFJudge(PromptJudge):
 RETRY_STATUS = {408, 409, 425, 429, 500, 502, 503, 504}
 
 
+def _is_loopback(host: str) -> bool:
+    "Whether `host` is this machine (`localhost`, 127.0.0.0/8, ::1): plain http there never crosses a network."
+    import ipaddress
+    if host.lower() == "localhost": return True
+    try: return ipaddress.ip_address(host).is_loopback
+    except ValueError: return False
+
+
 class OpenAIJudge(PromptJudge):
     "An OpenAI-compatible chat-completions server as the judge (stdlib HTTP, retries with backoff, concurrent)."
     name = "openai"
@@ -408,8 +417,14 @@ class OpenAIJudge(PromptJudge):
     def __init__(self, base_url: str = "https://api.openai.com/v1", model: str = "gpt-3.5-turbo",
                  api_key_env: str | None = "OPENAI_API_KEY", temperature: float | None = None, timeout: float = 60.0,
                  http_retries: int = 5, backoff: float = 1.0, max_backoff: float = 60.0, concurrency: int = 4,
-                 extra_body: dict | None = None, **kw):
+                 extra_body: dict | None = None, allow_http: bool = False, **kw):
         super().__init__(**kw)
+        u = urllib.parse.urlsplit(base_url)
+        if u.scheme not in ("http", "https") or not u.hostname:
+            raise JudgeError(f"OpenAIJudge: base_url {base_url!r} must be an http(s) URL")
+        if u.scheme == "http" and not (allow_http or _is_loopback(u.hostname)):
+            raise JudgeError(f"OpenAIJudge: base_url {base_url!r} is plain http to another machine: the API key and "
+                             "every prompt would cross the network unencrypted. Use https, or set allow_http: true")
         self.api_key = None
         if api_key_env:
             self.api_key = os.environ.get(api_key_env)
@@ -427,6 +442,30 @@ class OpenAIJudge(PromptJudge):
         except ValueError: w = None
         time.sleep(min(self.max_backoff, w if w is not None else self.backoff * 2 ** k))
 
+    def _post(self, data: bytes, headers: dict) -> tuple[int, dict, str]:
+        """One POST to `self.url` within `self.timeout` seconds *in total* (connection, headers and body: a server
+        that trickles its answer byte by byte is cut off at the deadline). Redirects are not followed."""
+        u = urllib.parse.urlsplit(self.url)
+        conn = (http.client.HTTPSConnection if u.scheme == "https" else http.client.HTTPConnection)(
+            u.hostname, u.port, timeout=self.timeout)
+        expired = threading.Event()
+        def cut():  # the deadline: shut the socket, which ends any read in progress
+            expired.set()
+            try: conn.sock and conn.sock.shutdown(socket.SHUT_RDWR)
+            except OSError: pass
+        timer = threading.Timer(self.timeout, cut); timer.daemon = True; timer.start()
+        try:
+            conn.request("POST", u.path + (f"?{u.query}" if u.query else ""), body=data, headers=headers)
+            resp = conn.getresponse()
+            body = resp.read().decode("utf-8", "replace")
+            if expired.is_set(): raise TimeoutError
+            return resp.status, dict(resp.getheaders()), body
+        except (OSError, http.client.HTTPException) as e:
+            if expired.is_set(): raise TimeoutError(f"no complete answer within {self.timeout} s") from None
+            raise e
+        finally:
+            timer.cancel(); conn.close()
+
     def complete(self, messages: list[dict]):
         "One chat completion: the reply text, or an exception object for a request rejected for this item."
         body = {"model": self.model, "messages": messages, **self.extra_body}
@@ -434,21 +473,22 @@ class OpenAIJudge(PromptJudge):
         headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {self.api_key}"} if self.api_key else {})}
         data, last = json.dumps(body).encode(), None
         for k in range(self.http_retries + 1):
-            req = urllib.request.Request(self.url, data=data, headers=headers, method="POST")
-            try:
-                with urllib.request.urlopen(req, timeout=self.timeout) as resp: text = resp.read().decode("utf-8", "replace")
-            except urllib.error.HTTPError as e:
-                detail = e.read().decode("utf-8", "replace")[:300]
-                if e.code in RETRY_STATUS:
-                    last = f"HTTP {e.code}: {detail}"
-                    if k < self.http_retries: self._wait(k, e.headers.get("Retry-After")); continue
-                    break
-                if e.code in (400, 413, 422): return MalformedReply(f"request rejected, HTTP {e.code}: {detail}")
-                raise JudgeError(f"{self.url}: HTTP {e.code} ({detail}); check base_url, model and the API key") from None
-            except (urllib.error.URLError, TimeoutError, ConnectionError, http.client.HTTPException, OSError) as e:
-                last = f"{type(e).__name__}: {getattr(e, 'reason', e)}"
+            try: status, resp_headers, text = self._post(data, headers)
+            except (TimeoutError, ConnectionError, http.client.HTTPException, OSError) as e:
+                last = f"{type(e).__name__}: {e}"
                 if k < self.http_retries: self._wait(k); continue
                 break
+            if 300 <= status < 400:  # never followed: the key must not reach another origin, nor its answer count
+                raise JudgeError(f"{self.url}: HTTP {status} redirect to {resp_headers.get('Location')!r}, not followed; "
+                                 "set base_url to the final address")
+            if status >= 400:
+                detail = text[:300]
+                if status in RETRY_STATUS:
+                    last = f"HTTP {status}: {detail}"
+                    if k < self.http_retries: self._wait(k, resp_headers.get("Retry-After")); continue
+                    break
+                if status in (400, 413, 422): return MalformedReply(f"request rejected, HTTP {status}: {detail}")
+                raise JudgeError(f"{self.url}: HTTP {status} ({detail}); check base_url, model and the API key")
             try: return json.loads(text)["choices"][0]["message"]["content"] or ""
             except (json.JSONDecodeError, KeyError, IndexError, TypeError): return f"<unreadable response: {text[:200]}>"
         raise JudgeError(f"{self.url}: no answer after {self.http_retries + 1} tries (last: {last})")
@@ -689,7 +729,7 @@ def _write_json(obj, path):
 
 
 _VOLATILE = {"progress", "batch_size", "judge_batch_size", "rejudge_failed"}  # may change between a run and its resume
-_VOLATILE_JUDGE = {"timeout", "concurrency", "http_retries", "backoff", "max_backoff", "batch_size", "device"}
+_VOLATILE_JUDGE = {"timeout", "concurrency", "http_retries", "backoff", "max_backoff", "batch_size", "device", "allow_http"}
 
 
 def _fingerprint(key, value):

@@ -15,13 +15,13 @@ import yaml
 from .config import Config
 
 # %% auto #0
-__all__ = ['STAGES', 'SHARED_STAGES', 'JUDGE_RECORD_KEYS', 'FEEDBACK_JUDGES', 'SYSTEMS', 'STAGE_CONFIGS', 'REPORT_SECTIONS',
-           'STAGE_FNS', 'PipelineConfig', 'yaml_load', 'apply_overrides', 'load_config', 'Run', 'stage_toyworld',
-           'stage_tower', 'dataset_videos', 'stage_features', 'run_stage', 'run_pipeline', 'sft_config',
-           'write_judge_records', 'stage_sft', 'feedback_config', 'stage_feedback', 'preference_inputs',
-           'reward_config', 'stage_reward', 'ppo_config', 'toy_gold_monitor', 'stage_ppo', 'dpo_config', 'stage_dpo',
-           'eval_config', 'stage_eval', 'build_report', 'stage_report', 'plot_overoptimisation', 'paired_differences',
-           'check_config']
+__all__ = ['STAGES', 'SHARED_STAGES', 'RECORD_STAGES', 'IGNORED_CHANGES', 'JUDGE_RECORD_KEYS', 'FEEDBACK_JUDGES', 'SYSTEMS',
+           'STAGE_CONFIGS', 'REPORT_SECTIONS', 'STAGE_FNS', 'PipelineConfig', 'yaml_load', 'apply_overrides',
+           'load_config', 'Run', 'stage_toyworld', 'stage_tower', 'dataset_videos', 'stage_features', 'check_data',
+           'run_stage', 'config_changes', 'check_run_config', 'run_pipeline', 'sft_config', 'write_judge_records',
+           'stage_sft', 'feedback_config', 'stage_feedback', 'preference_inputs', 'reward_config', 'stage_reward',
+           'ppo_config', 'toy_gold_monitor', 'stage_ppo', 'dpo_config', 'stage_dpo', 'eval_config', 'stage_eval',
+           'build_report', 'stage_report', 'plot_overoptimisation', 'paired_differences', 'check_config']
 
 # %% ../nbs/10_pipeline.ipynb #705fe082
 STAGES = ("toyworld", "tower", "features", "sft", "feedback", "reward", "ppo", "dpo", "eval", "report")
@@ -184,16 +184,37 @@ def stage_features(run: Run, progress: bool = True) -> dict:
     videos = dataset_videos(run.data_dir)
     rank, world = process_rank()
     st = run.features().precompute(videos, on_error="skip", progress=progress and rank == 0, rank=rank, world_size=world)
-    counts = dict(computed=st["computed"], cached=st["cached"], failed=len(st["failed"]))
+    counts, bad = dict(computed=st["computed"], cached=st["cached"], failed=len(st["failed"])), [list(f) for f in st["failed"]]
     if world > 1:  # the main process adds up the shares; the others wait for its stage marker
-        parts = merge_shares(counts, [run.root / "stages" / f".features.part{r}.json" for r in range(world)],
+        parts = merge_shares(dict(counts, bad=bad), [run.root / "stages" / f".features.part{r}.json" for r in range(world)],
                              run.marker("features"))
         if parts is None: return {}
-        counts = {k: sum(p[k] for p in parts) for k in counts}
+        counts, bad = {k: sum(p[k] for p in parts) for k in counts}, [b for p in parts for b in p["bad"]]
+    if bad:  # named now, not when a later stage trips over the missing features
+        import warnings
+        names = [str(Path(v).relative_to(run.data_dir)) if Path(v).is_relative_to(run.data_dir) else v for v, _ in bad]
+        warnings.warn(f"features: {len(bad)} video(s) could not be read and have no features; every record that uses "
+                      f"them will fail: " + "; ".join(f"{n} ({why})" for n, (_, why) in zip(names, bad)))
+        return dict(videos=len(videos), **counts, failed_videos=names)
     return dict(videos=len(videos), **counts)
 
 # %% ../nbs/10_pipeline.ipynb #b15c644a
 SHARED_STAGES = ("features", "sft", "feedback", "reward", "ppo", "dpo", "eval")  # run by every process of an `accelerate launch`
+
+
+RECORD_STAGES = ("sft", "feedback", "reward", "ppo", "dpo", "eval")  # read the instruction files: checked first
+
+
+def check_data(run: Run) -> int:
+    """Validate every instruction file of the run's data (`*.json` but `dataset.json`) as SFT records (04_data's
+    `load_records`), once per `Run`: invalid JSON, a record without `video` or with a broken conversation is a
+    `DataError` naming the file and the record, before a stage's own code reads the file with fewer checks.
+    Returns the number of records."""
+    from vlm_rlaif.data import load_records
+    if getattr(run, "_data_checked", None) is None:
+        files = [f for f in sorted(Path(run.data_dir).glob("*.json")) if f.name != "dataset.json"]
+        run._data_checked = sum(len(load_records(f, kind="sft")) for f in files)
+    return run._data_checked
 
 
 def run_stage(run: Run, stage: str, progress: bool = True, force: bool = False) -> dict:
@@ -210,6 +231,7 @@ def run_stage(run: Run, stage: str, progress: bool = True, force: bool = False) 
     if world > 1 and rank > 0 and stage not in SHARED_STAGES:
         if stage != "report": wait_for_files([done], newer_than=t0 if force else 0.0)
         return dict(json.loads(done.read_text()).get("summary", {})) if done.exists() else {}
+    if stage in RECORD_STAGES: check_data(run)
     info = STAGE_FNS[stage](run, progress=progress and rank == 0) or {}
     secs = time.time() - t0
     if rank > 0: return info  # a shared stage: the main process writes the marker
@@ -220,12 +242,45 @@ def run_stage(run: Run, stage: str, progress: bool = True, force: bool = False) 
     return info
 
 
+def config_changes(old: dict, new: dict, prefix: str = "") -> dict:
+    "`{dotted.key: (old, new)}` for every value that differs between two config dicts (missing: `<absent>`)."
+    out = {}
+    for k in sorted(set(old) | set(new), key=str):
+        a, b = old.get(k, "<absent>"), new.get(k, "<absent>")
+        if isinstance(a, dict) and isinstance(b, dict): out.update(config_changes(a, b, f"{prefix}{k}."))
+        elif a != b: out[f"{prefix}{k}"] = (a, b)
+    return out
+
+
+IGNORED_CHANGES = ("stages",)  # which stages to run does not change what the run holds
+
+
+def check_run_config(cfg: PipelineConfig, out_dir) -> bool:
+    """Compare `cfg` with the `config.yaml` of an existing run directory: a ValueError names every changed key (its
+    finished stages were made with the old values, so skipping them would be a lie and re-running would mix two
+    configs). Returns whether `config.yaml` needs writing (a new run, or only `stages` changed)."""
+    path = Path(out_dir) / "config.yaml"
+    new = yaml_load(yaml.safe_dump(cfg.to_dict(), sort_keys=False))  # the same round trip the file took
+    if not path.exists(): return True
+    try: old = yaml_load(path.read_text()) or {}
+    except yaml.YAMLError as e: raise ValueError(f"{path}: not valid YAML ({e})") from None
+    changed = {k: v for k, v in config_changes(old, new).items() if k.split(".")[0] not in IGNORED_CHANGES}
+    if changed:
+        lines = "\n".join(f"  {k}: {a!r} -> {b!r}" for k, a, b in ((k, *v) for k, v in changed.items()))
+        raise ValueError(f"{path}: this run directory holds a run of another config; changed keys (held -> given):\n{lines}\n"
+                         "Use a new run directory (--out), or set the values back.")
+    return old != new
+
+
 def run_pipeline(cfg: PipelineConfig, out_dir, stages=None, progress: bool = True, force=()) -> dict:
-    "Run `stages` (default: `cfg.stages`) of `cfg` into `out_dir`; finished stages are skipped. Returns summaries."
+    """Run `stages` (default: `cfg.stages`) of `cfg` into `out_dir`; finished stages are skipped. Returns summaries.
+    The whole config is checked first (`check_config`), and an existing run directory must hold the same config."""
+    check_config(cfg, out_dir)
+    write = check_run_config(cfg, out_dir)
     run = Run(cfg, out_dir)
     from vlm_rlaif.training import atomic_write_text, process_rank
     main = process_rank()[0] == 0
-    if main: atomic_write_text(run.root / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    if main and write: atomic_write_text(run.root / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     results = {}
     for s in stages or cfg.stages:
         if progress and main: print(f"== stage {s}", flush=True)
@@ -648,11 +703,24 @@ STAGE_CONFIGS = dict(sft=sft_config, feedback=feedback_config, reward=reward_con
 
 
 def check_config(cfg: PipelineConfig, out_dir="/tmp/vlm-rlaif-check") -> dict:
-    """Build every stage's config dataclass from `cfg` (nothing runs, nothing is read): a typo or a bad value fails
-    here, not hours into a run. Returns `{stage: config}`."""
+    """Build every stage's config dataclass from `cfg`, and check the shared sections (toy world, tower, encoder,
+    model): nothing runs, nothing is read, so an unknown key, a value of the wrong type or out of range fails here,
+    naming the section and the key, not hours into a run. `run_pipeline` calls it first. Returns `{stage: config}`."""
+    from vlm_rlaif.config import check_fields
+    from vlm_rlaif.encoder import TowerPretrainConfig
+    from vlm_rlaif.model import ModelConfig
+    from vlm_rlaif.toyworld import ToyWorldConfig
     run, out = Run(cfg, out_dir, create=False), {}
-    for s in cfg.stages:
-        if s in STAGE_CONFIGS and not (s == "dpo" and cfg.dpo is None): out[s] = STAGE_CONFIGS[s](run)
+    def build(section, make):
+        try: return make()
+        except (ValueError, TypeError) as e: raise ValueError(f"config section `{section}`: {e}") from None
+    if cfg.toyworld is not None: build("toyworld", lambda: ToyWorldConfig(**check_fields(ToyWorldConfig, cfg.toyworld)))
+    if cfg.tower_pretrain is not None:
+        build("tower_pretrain", lambda: TowerPretrainConfig(**check_fields(TowerPretrainConfig, cfg.tower_pretrain)))
+    build("encoder", run.encoder_config)
+    for s in STAGE_CONFIGS:  # every section, also of stages this config does not run (a typo is a typo)
+        if not (s == "dpo" and cfg.dpo is None): out[s] = build(s, lambda: STAGE_CONFIGS[s](run))
+    if "sft" in out and out["sft"].model is not None: build("model", lambda: ModelConfig.from_dict(dict(out["sft"].model)))
     return out
 
 

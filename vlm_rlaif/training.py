@@ -23,11 +23,13 @@ from .data import Collator, PromptDataset
 from .model import IMAGE_TOKEN, video_question
 
 # %% auto #0
-__all__ = ['CKPT_PREFIX', 'TRAINER_STATE', 'DONE_FILE', 'WAIT_TIMEOUT', 'resolve_mixed_precision', 'deepspeed_config_dict',
-           'make_accelerator', 'NonFiniteLossError', 'check_finite', 'MetricLogger', 'atomic_write_text',
-           'read_metrics', 'latest_checkpoint', 'save_checkpoint', 'load_checkpoint', 'stage_done', 'mark_done',
-           'EpochSampler', 'zero_stage', 'gathered_params', 'generation_model', 'process_rank', 'process_device',
-           'wait_for_files', 'merge_shares', 'RunLockedError', 'run_lock', 'generate_answers']
+__all__ = ['CKPT_PREFIX', 'TRAINER_STATE', 'MANIFEST', 'HASH_LIMIT', 'DEEPSPEED_SAFE_GLOBALS', 'DONE_FILE', 'WAIT_TIMEOUT',
+           'resolve_mixed_precision', 'deepspeed_config_dict', 'make_accelerator', 'NonFiniteLossError', 'check_finite',
+           'MetricLogger', 'atomic_write_text', 'read_metrics', 'CheckpointError', 'write_manifest',
+           'verify_checkpoint', 'latest_checkpoint', 'check_pickles', 'save_checkpoint', 'load_checkpoint',
+           'stage_done', 'mark_done', 'EpochSampler', 'zero_stage', 'gathered_params', 'generation_model',
+           'process_rank', 'process_device', 'wait_for_files', 'merge_shares', 'RunLockedError', 'run_lock',
+           'generate_answers']
 
 # %% ../nbs/04b_training.ipynb #f3427d16
 def resolve_mixed_precision(mixed_precision: str = "auto") -> str:
@@ -200,52 +202,152 @@ def read_metrics(path) -> list[dict]:
     return rows
 
 # %% ../nbs/04b_training.ipynb #3711387c
-CKPT_PREFIX, TRAINER_STATE = "step_", "trainer_state.json"
+CKPT_PREFIX, TRAINER_STATE, MANIFEST = "step_", "trainer_state.json", "manifest.json"
+HASH_LIMIT = 16 << 20  # files up to this size are also hashed in the manifest (the state, the RNG, the scheduler)
+# classes a DeepSpeed ZeRO checkpoint pickles besides tensors: allowed (with numpy's arrays for the RNG states) when
+# every pickle of a checkpoint is loaded with `weights_only=True`
+DEEPSPEED_SAFE_GLOBALS = ("deepspeed.runtime.fp16.loss_scaler.LossScaler", "deepspeed.utils.tensor_fragment.fragment_address",
+                          "deepspeed.runtime.zero.config.ZeroStageEnum")
+
+
+class CheckpointError(RuntimeError):
+    "A checkpoint is damaged (a file missing, truncated or changed) or holds a pickle that is not plain data; the message names the file."
+
+
+def _step_of(p: Path) -> int: return int(p.name[len(CKPT_PREFIX):])
+
+
+def _sha256(p: Path) -> str:
+    import hashlib
+    h = hashlib.sha256()
+    with open(p, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""): h.update(block)
+    return h.hexdigest()
+
+
+def write_manifest(ckpt) -> Path:
+    "Record every file of the checkpoint directory `ckpt` (size; sha256 up to `HASH_LIMIT`) in `manifest.json`, written last."
+    ckpt, files = Path(ckpt), {}
+    for p in sorted(q for q in ckpt.rglob("*") if q.is_file() and q.name != MANIFEST):
+        size = p.stat().st_size
+        files[p.relative_to(ckpt).as_posix()] = dict(size=size, **({"sha256": _sha256(p)} if size <= HASH_LIMIT else {}))
+    atomic_write_text(ckpt / MANIFEST, json.dumps({"files": files}, indent=1))
+    return ckpt / MANIFEST
+
+
+def verify_checkpoint(ckpt) -> dict:
+    """Check `ckpt` against its manifest: every listed file present with its size (and hash), no file that the save
+    did not write, a readable `trainer_state.json`. Returns the trainer state; a `CheckpointError` names the file."""
+    ckpt = Path(ckpt)
+    try: files = json.loads((ckpt / MANIFEST).read_text())["files"]
+    except FileNotFoundError: raise CheckpointError(f"{ckpt / MANIFEST}: missing (an unfinished checkpoint, or one "
+                                                    "written before checkpoints had manifests)") from None
+    except (ValueError, KeyError, TypeError) as e: raise CheckpointError(f"{ckpt / MANIFEST}: unreadable ({e})") from None
+    for rel, meta in files.items():
+        p = ckpt / rel
+        if not p.is_file(): raise CheckpointError(f"{p}: missing")
+        if p.stat().st_size != meta["size"]:
+            raise CheckpointError(f"{p}: {p.stat().st_size} bytes, the checkpoint wrote {meta['size']} (truncated or replaced)")
+        if "sha256" in meta and _sha256(p) != meta["sha256"]: raise CheckpointError(f"{p}: content differs from the manifest")
+    extra = sorted(q.relative_to(ckpt).as_posix() for q in ckpt.rglob("*") if q.is_file() and q.name != MANIFEST) 
+    extra = [r for r in extra if r not in files]
+    if extra: raise CheckpointError(f"{ckpt / extra[0]}: not written by the checkpoint (unexpected files {extra})")
+    try: return json.loads((ckpt / TRAINER_STATE).read_text())
+    except ValueError as e: raise CheckpointError(f"{ckpt / TRAINER_STATE}: not valid JSON ({e})") from None
 
 
 def latest_checkpoint(ckpt_root) -> Path | None:
-    "The finished checkpoint with the highest step under `ckpt_root` (temporary/unfinished ones are ignored), or None."
+    """The newest intact checkpoint under `ckpt_root` (`step_*` with a manifest that its files match), or None.
+    A damaged newer one is skipped with a warning that names the damaged file."""
     root = Path(ckpt_root)
     if not root.is_dir(): return None
-    done = [p for p in root.glob(f"{CKPT_PREFIX}*") if p.is_dir() and (p / TRAINER_STATE).exists()
-            and p.name[len(CKPT_PREFIX):].isdigit()]
-    return max(done, key=lambda p: int(p.name[len(CKPT_PREFIX):]), default=None)
+    cands = sorted((p for p in root.glob(f"{CKPT_PREFIX}*") if p.is_dir() and p.name[len(CKPT_PREFIX):].isdigit()),
+                   key=_step_of, reverse=True)
+    for p in cands:
+        try: verify_checkpoint(p); return p
+        except CheckpointError as e: warnings.warn(f"checkpoint {p.name} skipped: {e}")
+    return None
+
+
+def check_pickles(ckpt) -> None:
+    """Load every pickle-format file of `ckpt` (`*.bin`, `*.pt`, `*.pkl`, DeepSpeed's shards included) with
+    `weights_only=True` and memory-mapped tensors: a pickle that would run code or build an unexpected object is a
+    `CheckpointError` naming the file, before accelerate or DeepSpeed (which unpickles its shards freely) reads it."""
+    from accelerate.utils.other import TORCH_SAFE_GLOBALS
+    import importlib
+    allowed = list(TORCH_SAFE_GLOBALS)
+    for name in DEEPSPEED_SAFE_GLOBALS:
+        mod, _, cls = name.rpartition(".")
+        try: allowed.append(getattr(importlib.import_module(mod), cls))
+        except (ImportError, AttributeError): pass  # no DeepSpeed: its checkpoints cannot be resumed anyway
+    for p in sorted(Path(ckpt).rglob("*")):
+        if not (p.is_file() and p.suffix in (".bin", ".pt", ".pkl")): continue
+        try:
+            with torch.serialization.safe_globals(allowed): torch.load(p, map_location="cpu", weights_only=True, mmap=True)
+        except Exception as e:  # UnpicklingError, or a file that is no pickle at all
+            raise CheckpointError(f"{p}: refused, not plain tensors and data ({type(e).__name__}: "
+                                  f"{str(e).splitlines()[0][:200]})") from None
+
+
+@contextmanager
+def _own_custom_state(accelerator):
+    """Hide the objects of `accelerator.register_for_checkpointing` from accelerate, whose `load_state` unpickles
+    their `custom_checkpoint_*.pkl` with `weights_only=False`; `save_checkpoint` keeps their states as JSON instead."""
+    objs = list(getattr(accelerator, "_custom_objects", []))
+    if objs: accelerator._custom_objects.clear()
+    try: yield objs
+    finally:
+        if objs: accelerator._custom_objects[:] = objs
 
 
 def save_checkpoint(accelerator, ckpt_root, step: int, extra: dict | None = None, keep: int | None = 2) -> Path:
-    """`accelerator.save_state` into a temporary directory, add `trainer_state.json` ({step, **extra}), then rename
-    it atomically to `ckpt_root/step_{step:06d}` and keep the newest `keep` checkpoints. Call on every process."""
+    """`accelerator.save_state` into a temporary directory, add `trainer_state.json` ({step, **extra}), the
+    registered objects' states as `custom_state_{i}.json` and, last, `manifest.json`; then rename it atomically to
+    `ckpt_root/step_{step:06d}` and keep the newest `keep` checkpoints. Call on every process."""
     root = Path(ckpt_root)
     final, tmp = root / f"{CKPT_PREFIX}{step:06d}", root / f".tmp_{CKPT_PREFIX}{step:06d}"
     if accelerator.is_main_process:
         root.mkdir(parents=True, exist_ok=True)
         if tmp.exists(): shutil.rmtree(tmp)  # left over by a run killed while saving
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
+    with _own_custom_state(accelerator) as objs: accelerator.save_state(str(tmp))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
+        for i, obj in enumerate(objs):  # an LR scheduler's state is plain numbers: JSON keeps floats exactly
+            try: text = json.dumps(obj.state_dict(), indent=1)
+            except TypeError as e: raise TypeError(f"registered object {i} ({type(obj).__name__}): state is not plain "
+                                                   f"data, cannot be checkpointed without pickle ({e})") from None
+            (tmp / f"custom_state_{i}.json").write_text(text)
         state = {"step": int(step), **(extra or {}), "time": time.time(), "num_processes": accelerator.num_processes}
         (tmp / TRAINER_STATE).write_text(json.dumps(state, indent=1))
+        write_manifest(tmp)
         if final.exists(): shutil.rmtree(final)
         os.replace(tmp, final)
         if keep:
-            ckpts = sorted((p for p in root.glob(f"{CKPT_PREFIX}*") if (p / TRAINER_STATE).exists()),
-                           key=lambda p: int(p.name[len(CKPT_PREFIX):]))
+            ckpts = sorted((p for p in root.glob(f"{CKPT_PREFIX}*") if (p / TRAINER_STATE).exists()), key=_step_of)
             for p in ckpts[:-keep]: shutil.rmtree(p, ignore_errors=True)
     accelerator.wait_for_everyone()
     return final
 
 
 def load_checkpoint(accelerator, path) -> dict:
-    "Restore a `save_checkpoint` directory into the prepared objects of `accelerator`; returns its trainer state."
+    """Restore a `save_checkpoint` directory into the prepared objects of `accelerator`; returns its trainer state.
+    The files are checked against the manifest and every pickle is loaded as plain data first (`check_pickles`):
+    nothing in a checkpoint directory can run code."""
     path = Path(path)
     if not (path / TRAINER_STATE).exists():
         raise FileNotFoundError(f"{path} is not a finished checkpoint (no {TRAINER_STATE})")
-    state = json.loads((path / TRAINER_STATE).read_text())
+    state = verify_checkpoint(path)
+    check_pickles(path)
     if state.get("num_processes", accelerator.num_processes) != accelerator.num_processes:
         warnings.warn(f"{path} was saved by {state['num_processes']} processes, resuming with "
                       f"{accelerator.num_processes}: the data order after the resume differs from the original run")
-    accelerator.load_state(str(path))
+    with _own_custom_state(accelerator) as objs:
+        accelerator.load_state(str(path))
+    for i, obj in enumerate(objs):
+        f = path / f"custom_state_{i}.json"
+        if not f.exists(): raise CheckpointError(f"{f}: missing (the checkpoint has fewer registered objects than this run)")
+        obj.load_state_dict(json.loads(f.read_text()))
     return state
 
 # %% ../nbs/04b_training.ipynb #bda7d616
