@@ -174,3 +174,20 @@ def test_a_second_writer_is_refused(world, tmp_path):
     (out / ".lock").unlink()
     train_sft(cfg_for(world, max_steps=1, save_every=0), out, progress=False)
     assert stage_done(out) and not (out / ".lock").exists()
+
+
+def test_text_warmup_runs_once_before_sft_and_resume_is_exact(world, tmp_path):
+    "The toy LM's text warm-up runs on a fresh start only; a run killed during SFT resumes to the same weights."
+    kw = dict(model=dict(lm_config=TINY_LM, encoder=toy_encoder_config().to_dict(), lora=None), text_warmup_steps=4)
+    ref = train_sft(cfg_for(world, **kw), tmp_path / "ref", progress=False)
+    log = json.loads((ref / "text_warmup.json").read_text())
+    assert log["steps"] == 4 and len(log["losses"]) == 4
+    with pytest.raises(Kill):
+        train_sft(cfg_for(world, **kw), tmp_path / "killed", on_step=killer(3), progress=False)
+    (tmp_path / "killed" / "text_warmup.json").unlink()
+    run = train_sft(cfg_for(world, **kw), tmp_path / "killed", progress=False)
+    assert not (run / "text_warmup.json").exists()  # resumed from the step-2 checkpoint: no second warm-up
+    a, b = weights(ref), weights(run)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(ValueError, match="text_warmup_steps"):
+        cfg_for(world, text_warmup_steps=-1)

@@ -24,7 +24,7 @@ RANGES = {
     **dict.fromkeys(("save_every", "eval_every", "warmup_steps", "num_workers", "weight_decay", "max_grad_norm",
                      "val_size", "val_count", "agreement_pairs", "kl_coef", "vf_coef", "cliprange", "cliprange_value",
                      "center_coef", "seed", "n_prompts", "max_items", "claim_evidence", "curriculum_threshold",
-                     "reward_scale", "qa_per_video", "yesno_per_video", "alpha"), _NONNEG),
+                     "reward_scale", "qa_per_video", "yesno_per_video", "alpha", "text_warmup_steps"), _NONNEG),
     **dict.fromkeys(("curriculum_replay", "gamma", "lam", "dropout"), _UNIT),
     **dict.fromkeys(("warmup_ratio", "label_smoothing", "val_fraction"), _UNIT_OPEN),
     "top_p": "(0, 1]",

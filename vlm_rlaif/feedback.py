@@ -507,7 +507,7 @@ def corrupt_answer(answer: str, rng: np.random.Generator, n_edits: int = 1) -> s
 def _split_records(data_dir, split: str) -> list[dict]:
     path = Path(data_dir) / f"{split}_sft.json"
     if not path.exists(): raise FileNotFoundError(f"{path} not found: run toyworld.make_dataset first")
-    return json.loads(path.read_text())
+    return list(load_records(path, "sft"))  # a bad record is a DataError naming the file and record
 
 
 def judge_sft_records(data_dir, split: str = "train", n: int | None = None, seed: int = 0, n_frames: int = 50,

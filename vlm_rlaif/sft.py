@@ -27,7 +27,7 @@ from .training import (EpochSampler, MetricLogger, atomic_write_text, check_fini
 
 # %% auto #0
 __all__ = ['SCHEDULES', 'CRITERIA', 'SFTConfig', 'load_sft_records', 'sft_stages', 'record_texts', 'build_sft_model',
-           'stagewise_cosine', 'train_sft', 'chance_answers', 'score_sft']
+           'text_warmup', 'stagewise_cosine', 'train_sft', 'chance_answers', 'score_sft']
 
 # %% ../nbs/05_sft.ipynb #25944c20
 SCHEDULES = ("per_stage", "joint")
@@ -64,6 +64,9 @@ class SFTConfig(Config):
     save_every: int = 200  # optimizer steps between checkpoints (0: none)
     keep_checkpoints: int = 2
     seed: int = 42
+    # toy LM trained from scratch only: next-token steps on the instruction texts alone (no video) before SFT, a
+    # stand-in for the pretrained LM (Vicuna) a real run starts from; 0 (the default) for a pretrained LM
+    text_warmup_steps: int = 0
     max_steps: int | None = None  # budget cap on optimizer steps over both stages
     schedule: str = "per_stage"  # cosine with warm-up: 'per_stage' (each stage its own) or 'joint' (one over both)
     log_every: int = 10
@@ -75,6 +78,7 @@ class SFTConfig(Config):
             if isinstance(v, (str, os.PathLike)): setattr(self, k, [str(v)])
         if self.model is not None and self.init_model_dir is not None:
             raise ValueError("SFTConfig: give `model` (a fresh model) or `init_model_dir`, not both")
+        if int(self.text_warmup_steps) < 0: raise ValueError(f"SFTConfig.text_warmup_steps must be >= 0, got {self.text_warmup_steps}")
         for k in ("epochs_per_stage", "batch_size", "gradient_accumulation_steps", "log_every", "keep_checkpoints"):
             if int(getattr(self, k)) < 1: raise ValueError(f"SFTConfig.{k} must be >= 1, got {getattr(self, k)}")
         if self.max_steps is not None and int(self.max_steps) < 1:
@@ -164,6 +168,36 @@ def build_sft_model(cfg: SFTConfig, out_dir, records, accelerator):
     set_seed(cfg.seed)
     return build_model(mcfg, tok)
 
+# %% ../nbs/05_sft.ipynb #58a60a30
+def text_warmup(model, records: Sequence[dict], steps: int, batch_size: int, lr: float, seed: int = 0,
+                max_length: int | None = None, progress: bool = True) -> list[float]:
+    """Next-token training of `model.lm` on the texts of `records` alone (`<image>` removed, every token a target), in
+    the chat template SFT uses: a from-scratch toy LM learns to read before it learns to look. Returns the losses."""
+    from vlm_rlaif.data import tokenize_conversations
+    if steps < 1 or batch_size < 1: raise ValueError(f"text_warmup: steps and batch_size must be >= 1, got {steps}, {batch_size}")
+    strip = lambda t: {**t, "value": t["value"].replace(IMAGE_TOKEN + "\n", "").replace(IMAGE_TOKEN, "")}
+    texts = [{"conversations": [strip(t) for t in r["conversations"]]} for r in records]
+    ids = [x["input_ids"] for x in tokenize_conversations(texts, model.tokenizer, max_length)]
+    if not ids: raise ValueError("text_warmup: no records")
+    lm, pad = model.lm, model.tokenizer.pad_token_id
+    params = [p for p in lm.parameters() if p.requires_grad]
+    opt, dev = torch.optim.AdamW(params, lr=lr), next(lm.parameters()).device
+    rng, losses, was_training = np.random.default_rng([seed, 13]), [], lm.training
+    lm.train()
+    for step in tqdm(range(steps), disable=not progress, desc="text warm-up"):
+        batch = [ids[int(i)] for i in rng.integers(len(ids), size=batch_size)]
+        x = torch.full((len(batch), max(map(len, batch))), pad, dtype=torch.long)
+        for i, b in enumerate(batch): x[i, :len(b)] = torch.tensor(b)
+        mask = torch.zeros_like(x)
+        for i, b in enumerate(batch): mask[i, :len(b)] = 1
+        x, mask = x.to(dev), mask.to(dev)
+        loss = lm(input_ids=x, attention_mask=mask, labels=x.masked_fill(mask == 0, -100)).loss
+        check_finite(loss, step + 1)
+        opt.zero_grad(); loss.backward(); torch.nn.utils.clip_grad_norm_(params, 1.0); opt.step()
+        losses.append(round(loss.item(), 5))
+    lm.train(was_training)
+    return losses
+
 # %% ../nbs/05_sft.ipynb #6cd4c977
 def stagewise_cosine(stage_steps: Sequence[int], warmup_ratio: float = 0.03) -> Callable[[int], float]:
     "LR multiplier of a cosine schedule with linear warm-up restarted at every stage (`stage_steps` optimizer steps each)."
@@ -232,6 +266,11 @@ def _train_sft(cfg: SFTConfig, out_dir: Path, acc, on_step, progress: bool, t0: 
         loaders.append(torch.utils.data.DataLoader(ds, batch_size=cfg.batch_size, sampler=smp, collate_fn=collate,
                                                    num_workers=cfg.num_workers, generator=g))
         samplers.append(smp); sizes.append(len(ds))
+    if cfg.text_warmup_steps and latest_checkpoint(out_dir / "checkpoints") is None:  # fresh start only
+        model.to(acc.device)  # every process runs the same seeded warm-up; prepare then starts all from rank 0's copy
+        losses = text_warmup(model, records, cfg.text_warmup_steps, cfg.batch_size * cfg.gradient_accumulation_steps,
+                             cfg.lr, seed=cfg.seed, max_length=cfg.max_length, progress=progress and main)
+        if main: atomic_write_text(out_dir / "text_warmup.json", json.dumps(dict(steps=len(losses), losses=losses)))
     params = [p for p in model.parameters() if p.requires_grad]
     if not params: raise ValueError("the model has no trainable parameters")
     base_opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
