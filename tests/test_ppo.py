@@ -293,3 +293,29 @@ def test_reward_fn_replaces_scores_and_monitor_is_logged(world, tmp_path):
     row = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
     assert seen == [(4, 4)] and row["objective/monitor"] == 1.0 and "objective/rm_scores" in row
     assert row["objective/scores"] >= 0 and row["objective/scores"] != row["objective/rm_scores"]  # word counts
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_logprobs_match_the_sampling_distribution(world, temperature):
+    "The log-prob PPO gives a sampled answer is the one `generate` sampled it with (`<image>` suppressed)."
+    from vlm_rlaif.data import Collator, PromptDataset, load_records
+    from vlm_rlaif.ppo import response_logprobs
+    pol = load_policy(world["root"] / "sft", LoraSettings(r=4, alpha=8, dropout=0.0, train_projector=False))
+    ds = PromptDataset(load_records(world["data"] / "train_sft.json", "rl")[:3], pol.tokenizer,
+                       FeatureCache(world["root"] / "features", world["enc"]), root=world["data"], max_length=512)
+    b = Collator(pol.tokenizer.pad_token_id, padding_side="left")([ds[i] for i in range(3)])
+    torch.manual_seed(0)
+    g = pol.generate(b["input_ids"], b["attention_mask"], b["video_feats"], max_new_tokens=6, do_sample=True,
+                     temperature=temperature, top_k=0, return_dict_in_generate=True, output_scores=True)
+    cut = truncate_at_eos(g.sequences, pol.tokenizer.eos_token_id, pol.tokenizer.pad_token_id)
+    scores = torch.stack(g.scores, 1).float()  # the processed logits it sampled from: [B, R, V]
+    ref = scores.log_softmax(-1).gather(-1, g.sequences[..., None]).squeeze(-1)
+    assert torch.isinf(scores[..., pol.image_token_id]).all()
+    with torch.no_grad():
+        lp, ent = response_logprobs(pol, b["input_ids"], b["attention_mask"], b["video_feats"], cut["responses"],
+                                    cut["mask"], temperature=temperature, with_entropy=True)
+    m = cut["mask"].bool()
+    torch.testing.assert_close(lp[m], ref[m], atol=2e-5, rtol=0)
+    p = scores.softmax(-1)
+    torch.testing.assert_close(ent[m], -(p * p.clamp(min=1e-30).log()).sum(-1)[m], atol=1e-4, rtol=0)
+    assert torch.isfinite(ent).all()

@@ -27,8 +27,9 @@ from .model import LoraSettings, VideoLMM, add_lora
 # %% auto #0
 __all__ = ['KL_ESTIMATORS', 'PLACEMENTS', 'PPOConfig', 'truncate_at_eos', 'kl_estimate', 'score_penalties', 'place_scores',
            'shape_rewards', 'masked_mean', 'whiten', 'gae', 'policy_loss', 'value_loss', 'KLController', 'load_policy',
-           'trainable_state', 'ValueHead', 'response_logprobs', 'rm_prompt_ids', 'reward_inputs', 'score_responses',
-           'make_rollouts', 'compute_advantages', 'PolicyWithValue', 'ppo_update', 'rm_prompt_settings', 'train_ppo']
+           'trainable_state', 'ValueHead', 'suppressed_ids', 'sampling_logprobs', 'response_logprobs', 'rm_prompt_ids',
+           'reward_inputs', 'score_responses', 'make_rollouts', 'compute_advantages', 'PolicyWithValue', 'ppo_update',
+           'rm_prompt_settings', 'train_ppo']
 
 # %% ../nbs/08_ppo.ipynb #5dea8ccf
 KL_ESTIMATORS = ("k1", "k1_clamp", "k3")
@@ -257,20 +258,34 @@ class ValueHead(nn.Module):
         return self.linear(hidden.to(self.linear.weight.dtype)).squeeze(-1)
 
 # %% ../nbs/08_ppo.ipynb #9a264f8e
+def suppressed_ids(model) -> list[int]:
+    "Token ids `VideoLMM.generate` never samples (its `<image>` id), for a VideoLMM or a wrapper of one."
+    m = getattr(model, "module", model)
+    i = getattr(m, "image_token_id", None)
+    return [] if i is None else [int(i)]
+
+
+def sampling_logprobs(logits: torch.Tensor, temperature: float = 1.0, suppress: list[int] = ()) -> torch.Tensor:
+    "Log-probs over the vocabulary of the sampling distribution: float32 `logits / temperature`, `suppress` ids at -inf."
+    logits = logits.float() / temperature
+    if len(suppress): logits = logits.index_fill(-1, torch.tensor(list(suppress), device=logits.device), float("-inf"))
+    return logits.log_softmax(-1)
+
+
 def response_logprobs(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, video_feats: torch.Tensor,
                       responses: torch.Tensor, response_mask: torch.Tensor, temperature: float = 1.0,
                       with_entropy: bool = False):
     """Log-probs [B, R] of `responses` after left-padded prompts (+ video) under `model` (a VideoLMM or its
-    accelerate wrapper); with `with_entropy` also the per-token entropy of the sampling distribution."""
+    accelerate wrapper), from the distribution `generate` samples from (`<image>` suppressed); with `with_entropy`
+    also the per-token entropy of that distribution."""
     R = responses.shape[1]
     ids = torch.cat([prompt_ids, responses], 1)
     mask = torch.cat([prompt_mask, response_mask.to(prompt_mask.dtype)], 1)
     out = model(input_ids=ids, attention_mask=mask, video_feats=video_feats, logits_to_keep=R + 1)
-    logits = out.logits[:, -R - 1:-1].float() / temperature
-    logp_all = logits.log_softmax(-1)
+    logp_all = sampling_logprobs(out.logits[:, -R - 1:-1], temperature, suppressed_ids(model))
     logp = logp_all.gather(-1, responses.unsqueeze(-1)).squeeze(-1)
     if not with_entropy: return logp
-    return logp, -(logp_all.exp() * logp_all).sum(-1)
+    return logp, torch.special.entr(logp_all.exp()).sum(-1)  # entr(0) = 0: the suppressed ids add nothing
 
 # %% ../nbs/08_ppo.ipynb #394f33ee
 def rm_prompt_ids(tokenizer, reward_prompt: str | None, records, use_context: bool = False,
