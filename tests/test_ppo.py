@@ -319,3 +319,19 @@ def test_logprobs_match_the_sampling_distribution(world, temperature):
     p = scores.softmax(-1)
     torch.testing.assert_close(ent[m], -(p * p.clamp(min=1e-30).log()).sum(-1)[m], atol=1e-4, rtol=0)
     assert torch.isfinite(ent).all()
+
+
+def test_no_eos_modes_and_the_paper_config():
+    "A truncated answer: `replace` scores exactly the penalty, `add` (the paper's run) adds it; paper_7b.yaml adds."
+    from pathlib import Path
+    from vlm_rlaif.pipeline import load_config
+    roll = fake_rollout([2, 4, 4], 4, [1.5, 3.0, -1.0])  # rows 1 and 2 ran out of tokens (no EOS)
+    base = dict(no_eos_penalty=-8.0, length_coef=0.0, reward_scale=1.0, whiten_advantages=False)
+    rep = compute_advantages(roll, PPOConfig(**base, no_eos_mode="replace"), kl_coef=0.1)["penalized_scores"]
+    add = compute_advantages(roll, PPOConfig(**base, no_eos_mode="add"), kl_coef=0.1)["penalized_scores"]
+    torch.testing.assert_close(rep, torch.tensor([1.5, -8.0, -8.0]))
+    torch.testing.assert_close(add, torch.tensor([1.5, -5.0, -9.0]))
+    assert PPOConfig().no_eos_mode == "replace"  # the dataclass default (the original code's default)
+    paper = load_config(Path(__file__).parents[1] / "configs" / "paper_7b.yaml")
+    ppo = PPOConfig.from_dict(paper.ppo)
+    assert (ppo.no_eos_penalty, ppo.no_eos_mode) == (-8.0, "add")  # --relative_stop_token_penalty True

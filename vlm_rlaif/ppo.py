@@ -59,7 +59,7 @@ class PPOConfig(Config):
     rm_prompt: str | None = None  # None: the RM prompt the RM was trained with (its train_reward config.json); "none": no RM prompt
     rm_use_context: bool | None = None  # None: as the RM was trained; True needs a `context` in every RL record
     no_eos_penalty: float = -8.0  # score of (or added to) a response without EOS; None: off
-    no_eos_mode: str = "replace"  # "replace" (original default) or "add" (relative penalty)
+    no_eos_mode: str = "replace"  # "replace": the score becomes the penalty | "add": penalty added (the paper's run)
     length_coef: float = -10.0  # score += length_coef * length / max_new_tokens (0: off)
     score_placement: str = "last_token"  # "last_token" (ours) | "last_slot" (the original's last padded position)
     kl_estimator: str = "k1_clamp"  # "k1" | "k1_clamp" (original) | "k3"
