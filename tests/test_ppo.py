@@ -335,3 +335,38 @@ def test_no_eos_modes_and_the_paper_config():
     paper = load_config(Path(__file__).parents[1] / "configs" / "paper_7b.yaml")
     ppo = PPOConfig.from_dict(paper.ppo)
     assert (ppo.no_eos_penalty, ppo.no_eos_mode) == (-8.0, "add")  # --relative_stop_token_penalty True
+
+
+def _first_minibatch_ratio(world, mixed_precision, autocast=True):
+    "Max |ratio - 1| on the first PPO minibatch, rollouts and update under `Accelerator(cpu=True, mixed_precision)`."
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, GradientState
+    from vlm_rlaif.data import Collator, PromptDataset, load_records
+    from vlm_rlaif.ppo import PolicyWithValue, make_rollouts, ppo_update
+    from vlm_rlaif.reward import RewardModel
+    AcceleratorState._reset_state(reset_partial_state=False); GradientState._reset_state()
+    acc = Accelerator(cpu=True, mixed_precision=mixed_precision)
+    cfg = ppo_cfg(world, rollout_batch_size=4, generation_batch_size=3, minibatch_size=2, ppo_epochs=1)
+    pol = load_policy(world["root"] / "sft", LoraSettings(r=4, alpha=8, dropout=0.0, train_projector=False))
+    rm = RewardModel.from_pretrained(world["root"] / "rm" / "model").requires_grad_(False).eval()
+    ds = PromptDataset(load_records(cfg.prompts, "rl")[:4], pol.tokenizer, FeatureCache(cfg.features_dir, world["enc"]),
+                       root=world["data"], max_length=512)
+    vh = ValueHead(rm.config.hidden_size)
+    opt = torch.optim.AdamW([p for p in pol.parameters() if p.requires_grad] + list(vh.parameters()), lr=1e-3)
+    model, opt = acc.prepare(PolicyWithValue(pol, vh), opt)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    torch.manual_seed(0)
+    batch = Collator(pol.tokenizer.pad_token_id, padding_side="left")([ds[i] for i in range(4)])
+    roll = make_rollouts(pol, rm, vh, batch, [[] for _ in range(4)], cfg,
+                         autocast=acc.autocast if autocast else __import__("contextlib").nullcontext)
+    stats = ppo_update(model, opt, sched, acc, roll, compute_advantages(roll, cfg, 0.1), cfg)
+    assert len(stats) == 2
+    return float(stats[0]["val/ratio_maxdev"])
+
+
+@pytest.mark.parametrize("mixed_precision", ["no", "bf16"])
+def test_first_minibatch_ratio_is_one(world, mixed_precision):
+    "Old log-probs come from the same computation (autocast included) as the update's: ratio 1 before any step."
+    assert _first_minibatch_ratio(world, mixed_precision) < 1e-6
+    if mixed_precision == "bf16":  # the bug this pins: rollout log-probs in fp32, the update under bf16 autocast
+        assert _first_minibatch_ratio(world, "bf16", autocast=False) > 1e-5

@@ -5,6 +5,7 @@
 # %% ../nbs/08_ppo.ipynb #23aaf4ca
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import time
@@ -193,7 +194,7 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: 
 
 def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
                 cliprange: float = 0.2) -> tuple[torch.Tensor, dict]:
-    "PPO clipped surrogate loss (masked mean) and its statistics: approx KL, clip fraction, mean/var of the ratio."
+    "PPO clipped surrogate loss (masked mean) and its statistics: approx KL, clip fraction, mean/var/max |r - 1| of the ratio."
     log_ratio = (logp - old_logp) * mask
     ratio = log_ratio.exp()
     l1 = -advantages * ratio
@@ -202,7 +203,8 @@ def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Te
     with torch.no_grad():
         r_mean = masked_mean(ratio, mask)
         stats = dict(approxkl=0.5 * masked_mean(log_ratio ** 2, mask), clipfrac=masked_mean((l2 > l1).float(), mask),
-                     ratio=r_mean, ratio_var=masked_mean((ratio - r_mean) ** 2, mask))
+                     ratio=r_mean, ratio_var=masked_mean((ratio - r_mean) ** 2, mask),
+                     ratio_maxdev=((ratio - 1).abs() * mask).max() if mask.numel() else ratio.new_zeros(()))
     return loss, stats
 
 
@@ -350,9 +352,11 @@ def _pad_cols(x: torch.Tensor, n: int, value) -> torch.Tensor:
 
 @torch.no_grad()
 def make_rollouts(policy: VideoLMM, reward_model, value_head: nn.Module, batch: dict, suffix_ids: list[list[int]],
-                  cfg: PPOConfig, progress: bool = False) -> dict:
+                  cfg: PPOConfig, progress: bool = False, autocast: Callable = contextlib.nullcontext) -> dict:
     """Sample, cut and evaluate responses for a left-padded prompt `batch` (input_ids, attention_mask, video_feats):
-    returns prompts, responses, `mask`, lengths, has_eos, logp, ref_logp, entropy, scores, hidden, values."""
+    returns prompts, responses, `mask`, lengths, has_eos, logp, ref_logp, entropy, scores, hidden, values.
+    `autocast()`: the context the PPO update's forward runs in (`accelerator.autocast`), for the policy, reference
+    and value passes, so that the old log-probs and values come from the same computation as the update's."""
     tok, dev, G = policy.tokenizer, policy.device, cfg.generation_batch_size
     P, PM, VF = (batch[k].to(dev) for k in ("input_ids", "attention_mask", "video_feats"))
     was = policy.training; policy.eval()
@@ -367,14 +371,15 @@ def make_rollouts(policy: VideoLMM, reward_model, value_head: nn.Module, batch: 
     for s in range(0, len(P), G):
         sl = slice(s, s + G)
         args = (P[sl], PM[sl], VF[sl], out["responses"][sl], out["mask"][sl])
-        lp, ent = response_logprobs(policy, *args, temperature=cfg.temperature, with_entropy=True)
-        with policy.lm.disable_adapter():
-            ref = response_logprobs(policy, *args, temperature=cfg.temperature)
+        with autocast():
+            lp, ent = response_logprobs(policy, *args, temperature=cfg.temperature, with_entropy=True)
+            with policy.lm.disable_adapter():
+                ref = response_logprobs(policy, *args, temperature=cfg.temperature)
         sc = score_responses(reward_model, P[sl], PM[sl], VF[sl], out["responses"][sl], out["lengths"][sl],
                              suffix_ids[sl], tok.pad_token_id)
         for k, v in zip(parts, (lp, ent, ref, sc["scores"], sc["hidden"])): parts[k].append(v)
     out.update({k: torch.cat(v) for k, v in parts.items()})
-    out["values"] = value_head(out["hidden"]).float()
+    with autocast(): out["values"] = value_head(out["hidden"]).float()
     policy.train(was)
     return out
 
@@ -451,6 +456,7 @@ def ppo_update(model, optimizer, scheduler, accelerator, roll: dict, adv: dict, 
             optimizer.step(); scheduler.step(); optimizer.zero_grad(set_to_none=True)
             stats.append({"loss/policy": pg.detach(), "loss/value": vl.detach(), "policy/approxkl": ps["approxkl"],
                           "policy/clipfrac": ps["clipfrac"], "val/ratio": ps["ratio"], "val/ratio_var": ps["ratio_var"],
+                          "val/ratio_maxdev": ps["ratio_maxdev"],
                           "val/clipfrac": vs["clipfrac"], "val/error": vs["error"], "val/vpred": vs["vpred"],
                           "policy/grad_norm": torch.as_tensor(float("nan") if gn is None else float(gn)),
                           "epoch": epoch})
@@ -557,7 +563,7 @@ def train_ppo(cfg: PPOConfig, out_dir, policy: VideoLMM | None = None, reward_mo
             recs = [ds.records[it["index"]] for it in items]
             suffix = rm_prompt_ids(tok, prompt_text, recs, use_ctx, ctx_key)
             with generation_model(acc, model_w) as m:  # ZeRO-3: weights gathered once for the whole rollout batch
-                roll = make_rollouts(m.policy, rm, m.value_head, collate(items), suffix, cfg)
+                roll = make_rollouts(m.policy, rm, m.value_head, collate(items), suffix, cfg, autocast=acc.autocast)
             extra = {}
             if reward_fn is not None or monitor_fn is not None:
                 texts = [t.strip() for t in tok.batch_decode(roll["responses"], skip_special_tokens=True)]
@@ -583,6 +589,7 @@ def train_ppo(cfg: PPOConfig, out_dir, policy: VideoLMM | None = None, reward_mo
                 "loss/policy_avg": mean("loss/policy"), "loss/value_avg": mean("loss/value"),
                 "val/clipfrac_avg": mean("val/clipfrac"), "val/ratio": mean("val/ratio"),
                 "val/ratio_var": mean("val/ratio_var"), "val/ratio_first": stats[0]["val/ratio"],
+                "val/ratio_first_maxdev": stats[0]["val/ratio_maxdev"],
                 "val/error": mean("val/error"), "policy/grad_norm_avg": mean("policy/grad_norm"),
                 "val/num_eos_tokens": roll["has_eos"].float().sum(), "val/eos_fraction": roll["has_eos"].float().mean(),
                 "val/response_length": roll["lengths"].float().mean(), "val/returns": masked_mean(adv["returns"], adv["train_mask"]),
