@@ -241,6 +241,7 @@ def test_one_step_changes_only_lora_and_value_head(world, tmp_path):
     rows = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
     assert len(rows) == 1
     assert abs(rows[0]["val/ratio_first"] - 1.0) < 1e-5  # nothing changed before the first minibatch
+    assert rows[0]["policy/num_updates"] == 4  # 4 rollouts / minibatches of 2, 2 epochs
     assert rows[0]["objective/kl"] == 0.0  # policy == reference during the first rollout
     for k in ("objective/kl", "objective/scores", "objective/rlhf_reward", "policy/approxkl_avg",
               "policy/clipfrac_avg", "loss/policy_avg", "loss/value_avg", "val/ratio", "val/response_length",
@@ -370,3 +371,13 @@ def test_first_minibatch_ratio_is_one(world, mixed_precision):
     assert _first_minibatch_ratio(world, mixed_precision) < 1e-6
     if mixed_precision == "bf16":  # the bug this pins: rollout log-probs in fp32, the update under bf16 autocast
         assert _first_minibatch_ratio(world, "bf16", autocast=False) > 1e-5
+
+
+def test_batch_sizes_are_global():
+    from vlm_rlaif.ppo import batch_sizes
+    cfg = PPOConfig(rollout_batch_size=256, minibatch_size=128)
+    assert batch_sizes(cfg, 1) == (256, 128) and batch_sizes(cfg, 8) == (32, 16)
+    with pytest.raises(ValueError, match="minibatch_size=128 is not divisible"):
+        batch_sizes(PPOConfig(rollout_batch_size=384, minibatch_size=128), 3)
+    with pytest.raises(ValueError, match="rollout_batch_size=256 is not divisible"): batch_sizes(PPOConfig(minibatch_size=2), 3)
+    with pytest.raises(ValueError, match="multiple of minibatch_size"): batch_sizes(PPOConfig(minibatch_size=96), 1)

@@ -29,8 +29,8 @@ from .model import LoraSettings, VideoLMM, add_lora
 __all__ = ['KL_ESTIMATORS', 'PLACEMENTS', 'PPOConfig', 'truncate_at_eos', 'kl_estimate', 'score_penalties', 'place_scores',
            'shape_rewards', 'masked_mean', 'whiten', 'gae', 'policy_loss', 'value_loss', 'KLController', 'load_policy',
            'trainable_state', 'ValueHead', 'suppressed_ids', 'sampling_logprobs', 'response_logprobs', 'rm_prompt_ids',
-           'reward_inputs', 'score_responses', 'make_rollouts', 'compute_advantages', 'PolicyWithValue', 'ppo_update',
-           'rm_prompt_settings', 'train_ppo']
+           'reward_inputs', 'score_responses', 'make_rollouts', 'compute_advantages', 'PolicyWithValue', 'batch_sizes',
+           'ppo_update', 'rm_prompt_settings', 'train_ppo']
 
 # %% ../nbs/08_ppo.ipynb #5dea8ccf
 KL_ESTIMATORS = ("k1", "k1_clamp", "k3")
@@ -78,7 +78,7 @@ class PPOConfig(Config):
     cliprange_value: float = 0.2
     vf_coef: float = 0.1
     ppo_epochs: int = 2
-    minibatch_size: int = 64  # rollouts per optimiser update (per process)
+    minibatch_size: int = 64  # rollouts per optimiser update (all processes together)
     # optimisation
     lr: float = 3e-5
     value_lr: float | None = None  # None: lr
@@ -159,17 +159,26 @@ def shape_rewards(scores: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor, kl
     return dict(rewards=non_score + place_scores(scores, mask, placement), non_score_rewards=non_score)
 
 # %% ../nbs/08_ppo.ipynb #79ad259b
-def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    "Mean of `x` over the positions where `mask` is 1."
+def _all_sum(t: torch.Tensor, accelerator=None) -> torch.Tensor:
+    "`t` summed over the processes of `accelerator` (itself when there is none or one process)."
+    if accelerator is None or accelerator.num_processes == 1: return t
+    return accelerator.reduce(t, "sum")
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor, accelerator=None) -> torch.Tensor:
+    "Mean of `x` over the positions where `mask` is 1 (with `accelerator`: over the positions of every process)."
     mask = mask.to(x.dtype)
-    return (x * mask).sum() / mask.sum().clamp(min=1)
+    s = _all_sum(torch.stack([(x * mask).sum(), mask.sum()]), accelerator)
+    return s[0] / s[1].clamp(min=1)
 
 
-def whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8) -> torch.Tensor:
-    "Normalise `x` to unit variance over `mask` (and zero mean if `shift_mean`); 0 outside the mask."
-    mean = masked_mean(x, mask)
-    n = mask.sum().clamp(min=2)
-    var = masked_mean((x - mean) ** 2, mask) * n / (n - 1)
+def whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8,
+           accelerator=None) -> torch.Tensor:
+    """Normalise `x` to unit variance over `mask` (and zero mean if `shift_mean`); 0 outside the mask. With
+    `accelerator`, mean and variance are those of the full batch: all processes' positions together."""
+    mean = masked_mean(x, mask, accelerator)
+    n = _all_sum(mask.to(x.dtype).sum(), accelerator).clamp(min=2)
+    var = masked_mean((x - mean) ** 2, mask, accelerator) * n / (n - 1)
     out = (x - mean) * torch.rsqrt(var + eps)
     if not shift_mean: out = out + mean
     return out * mask
@@ -384,9 +393,10 @@ def make_rollouts(policy: VideoLMM, reward_model, value_head: nn.Module, batch: 
     return out
 
 
-def compute_advantages(roll: dict, cfg: PPOConfig, kl_coef: float) -> dict:
-    """Penalised scores, per-token KL, shaped and scaled rewards, values, GAE advantages (whitened) and returns.
-    `train_mask` is the response mask, or every slot of the window with `score_placement='last_slot'` (the original)."""
+def compute_advantages(roll: dict, cfg: PPOConfig, kl_coef: float, accelerator=None) -> dict:
+    """Penalised scores, per-token KL, shaped and scaled rewards, values, GAE advantages (whitened; with
+    `accelerator` over the rollouts of all processes) and returns. `train_mask` is the response mask, or every slot
+    of the window with `score_placement='last_slot'` (the original)."""
     mask = roll["mask"]
     tm = mask if cfg.score_placement == "last_token" else torch.ones_like(mask)
     kl = kl_estimate(roll["logp"], roll["ref_logp"], cfg.kl_estimator)
@@ -394,10 +404,10 @@ def compute_advantages(roll: dict, cfg: PPOConfig, kl_coef: float) -> dict:
                              cfg.no_eos_penalty, cfg.no_eos_mode, cfg.length_coef)
     shaped = shape_rewards(scores, kl, tm, kl_coef, cfg.score_placement)
     rewards = shaped["rewards"] * cfg.reward_scale
-    if cfg.whiten_rewards: rewards = whiten(rewards, tm, shift_mean=False)
+    if cfg.whiten_rewards: rewards = whiten(rewards, tm, shift_mean=False, accelerator=accelerator)
     values = roll["values"] * tm
     adv, ret = gae(rewards, values, tm, cfg.gamma, cfg.lam)
-    if cfg.whiten_advantages: adv = whiten(adv, tm)
+    if cfg.whiten_advantages: adv = whiten(adv, tm, accelerator=accelerator)
     return dict(train_mask=tm, kl=kl * tm, penalized_scores=scores, rewards=rewards,
                 non_score_rewards=shaped["non_score_rewards"], values=values, advantages=adv, returns=ret)
 
@@ -433,20 +443,33 @@ class PolicyWithValue(nn.Module):
         return logp, self.value_head(mb["hidden"])
 
 
+def batch_sizes(cfg: PPOConfig, num_processes: int) -> tuple[int, int]:
+    """(rollouts, minibatch) of each process: `rollout_batch_size` and `minibatch_size` are global (all processes
+    together); each must split evenly over the processes, and the rollouts into whole minibatches."""
+    R, M, n = cfg.rollout_batch_size, cfg.minibatch_size, num_processes
+    if R % n: raise ValueError(f"rollout_batch_size={R} is not divisible by {n} processes")
+    if M % n: raise ValueError(f"minibatch_size={M} is not divisible by {n} processes")
+    if R % M: raise ValueError(f"rollout_batch_size={R} is not a multiple of minibatch_size={M}")
+    return R // n, M // n
+
+
 def ppo_update(model, optimizer, scheduler, accelerator, roll: dict, adv: dict, cfg: PPOConfig,
                step: int = 0, params=None) -> list[dict]:
     """`cfg.ppo_epochs` epochs of clipped PPO updates of `model` (a `PolicyWithValue`, prepared by `accelerator`) over
-    the rollouts in minibatches of `cfg.minibatch_size`; returns one stats dict per minibatch (the first one is the
-    first minibatch of the first epoch)."""
+    the rollouts in minibatches of `cfg.minibatch_size` (global: each process takes its share of every minibatch
+    from its own rollouts); returns one stats dict per optimiser update (the first one is the first minibatch of
+    the first epoch)."""
     from vlm_rlaif.training import check_finite
     N = len(roll["responses"])
+    mb_size = cfg.minibatch_size // accelerator.num_processes
+    if mb_size < 1: raise ValueError(f"minibatch_size={cfg.minibatch_size} < {accelerator.num_processes} processes")
     gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
     params = params if params is not None else [p for g in optimizer.param_groups for p in g["params"]]
     stats = []
     for epoch in range(cfg.ppo_epochs):
         perm = torch.randperm(N, generator=gen)
-        for s in range(0, N, cfg.minibatch_size):
-            mb = _trim(perm[s:s + cfg.minibatch_size].to(roll["responses"].device), roll, adv)
+        for s in range(0, N, mb_size):
+            mb = _trim(perm[s:s + mb_size].to(roll["responses"].device), roll, adv)
             logp, vpred = model(mb, temperature=cfg.temperature)
             pg, ps = policy_loss(logp, mb["logp"], mb["advantages"], mb["train_mask"], cfg.cliprange)
             vl, vs = value_loss(vpred, mb["values"], mb["returns"], mb["train_mask"], cfg.cliprange_value)
@@ -506,13 +529,14 @@ def train_ppo(cfg: PPOConfig, out_dir, policy: VideoLMM | None = None, reward_mo
     signature) is only logged, as `objective/monitor`."""
     from transformers import get_scheduler
     from vlm_rlaif.training import (MetricLogger, gathered_params, generation_model, latest_checkpoint,
-                                    load_checkpoint, make_accelerator, mark_done, save_checkpoint, stage_done)
+                                    load_checkpoint, make_accelerator, mark_done, process_rank, save_checkpoint,
+                                    stage_done)
     out = Path(out_dir)
     if stage_done(out): return out
     acc = make_accelerator(cfg.mixed_precision, deepspeed_config=cfg.deepspeed_config, seed=cfg.seed,
-                           micro_batch_size=cfg.minibatch_size, max_grad_norm=cfg.max_grad_norm)
-    if cfg.rollout_batch_size % acc.num_processes:
-        raise ValueError(f"rollout_batch_size={cfg.rollout_batch_size} is not divisible by {acc.num_processes} processes")
+                           micro_batch_size=max(1, cfg.minibatch_size // process_rank()[1]),
+                           max_grad_norm=cfg.max_grad_norm)
+    batch_sizes(cfg, acc.num_processes)  # before any model is loaded
     if policy is None:
         policy = load_policy(cfg.sft_model_dir, LoraSettings(**{**cfg.lora, "train_projector": False}))
     if reward_model is None:
@@ -532,8 +556,7 @@ def train_ppo(cfg: PPOConfig, out_dir, policy: VideoLMM | None = None, reward_mo
     collate = Collator(tok.pad_token_id, padding_side="left")
     value_head = ValueHead(rm.config.hidden_size).to(acc.device)
     num_steps = cfg.num_steps or math.ceil(len(ds) / cfg.rollout_batch_size)
-    per_proc = cfg.rollout_batch_size // acc.num_processes
-    total_updates = num_steps * cfg.ppo_epochs * math.ceil(per_proc / cfg.minibatch_size)
+    total_updates = num_steps * cfg.ppo_epochs * (cfg.rollout_batch_size // cfg.minibatch_size)
     lora_params = [p for p in policy.parameters() if p.requires_grad]
     base_opt = torch.optim.AdamW([{"params": lora_params, "lr": cfg.lr},
                                   {"params": list(value_head.parameters()), "lr": cfg.value_lr or cfg.lr}],
@@ -571,7 +594,7 @@ def train_ppo(cfg: PPOConfig, out_dir, policy: VideoLMM | None = None, reward_mo
                 if reward_fn is not None:
                     extra["objective/rm_scores"] = roll["scores"].mean()
                     roll["scores"] = torch.as_tensor(reward_fn(recs, texts), dtype=torch.float32, device=roll["scores"].device)
-            adv = compute_advantages(roll, cfg, kl_ctl.value)
+            adv = compute_advantages(roll, cfg, kl_ctl.value, accelerator=acc)
             stats = ppo_update(model_w, opt, sched, acc, roll, adv, cfg, step, params)
             m, mask = roll["mask"], roll["mask"].float()
             k1 = kl_estimate(roll["logp"], roll["ref_logp"], "k1") * mask
@@ -589,7 +612,7 @@ def train_ppo(cfg: PPOConfig, out_dir, policy: VideoLMM | None = None, reward_mo
                 "loss/policy_avg": mean("loss/policy"), "loss/value_avg": mean("loss/value"),
                 "val/clipfrac_avg": mean("val/clipfrac"), "val/ratio": mean("val/ratio"),
                 "val/ratio_var": mean("val/ratio_var"), "val/ratio_first": stats[0]["val/ratio"],
-                "val/ratio_first_maxdev": stats[0]["val/ratio_maxdev"],
+                "val/ratio_first_maxdev": stats[0]["val/ratio_maxdev"], "policy/num_updates": len(stats),
                 "val/error": mean("val/error"), "policy/grad_norm_avg": mean("policy/grad_norm"),
                 "val/num_eos_tokens": roll["has_eos"].float().sum(), "val/eos_fraction": roll["has_eos"].float().mean(),
                 "val/response_length": roll["lengths"].float().mean(), "val/returns": masked_mean(adv["returns"], adv["train_mask"]),
