@@ -241,6 +241,7 @@ def test_one_step_changes_only_lora_and_value_head(world, tmp_path):
     rows = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
     assert len(rows) == 1
     assert abs(rows[0]["val/ratio_first"] - 1.0) < 1e-5  # nothing changed before the first minibatch
+    assert rows[0]["policy/num_updates"] == 4  # 4 rollouts / minibatches of 2, 2 epochs
     assert rows[0]["objective/kl"] == 0.0  # policy == reference during the first rollout
     for k in ("objective/kl", "objective/scores", "objective/rlhf_reward", "policy/approxkl_avg",
               "policy/clipfrac_avg", "loss/policy_avg", "loss/value_avg", "val/ratio", "val/response_length",
@@ -293,3 +294,90 @@ def test_reward_fn_replaces_scores_and_monitor_is_logged(world, tmp_path):
     row = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
     assert seen == [(4, 4)] and row["objective/monitor"] == 1.0 and "objective/rm_scores" in row
     assert row["objective/scores"] >= 0 and row["objective/scores"] != row["objective/rm_scores"]  # word counts
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_logprobs_match_the_sampling_distribution(world, temperature):
+    "The log-prob PPO gives a sampled answer is the one `generate` sampled it with (`<image>` suppressed)."
+    from vlm_rlaif.data import Collator, PromptDataset, load_records
+    from vlm_rlaif.ppo import response_logprobs
+    pol = load_policy(world["root"] / "sft", LoraSettings(r=4, alpha=8, dropout=0.0, train_projector=False))
+    ds = PromptDataset(load_records(world["data"] / "train_sft.json", "rl")[:3], pol.tokenizer,
+                       FeatureCache(world["root"] / "features", world["enc"]), root=world["data"], max_length=512)
+    b = Collator(pol.tokenizer.pad_token_id, padding_side="left")([ds[i] for i in range(3)])
+    torch.manual_seed(0)
+    g = pol.generate(b["input_ids"], b["attention_mask"], b["video_feats"], max_new_tokens=6, do_sample=True,
+                     temperature=temperature, top_k=0, return_dict_in_generate=True, output_scores=True)
+    cut = truncate_at_eos(g.sequences, pol.tokenizer.eos_token_id, pol.tokenizer.pad_token_id)
+    scores = torch.stack(g.scores, 1).float()  # the processed logits it sampled from: [B, R, V]
+    ref = scores.log_softmax(-1).gather(-1, g.sequences[..., None]).squeeze(-1)
+    assert torch.isinf(scores[..., pol.image_token_id]).all()
+    with torch.no_grad():
+        lp, ent = response_logprobs(pol, b["input_ids"], b["attention_mask"], b["video_feats"], cut["responses"],
+                                    cut["mask"], temperature=temperature, with_entropy=True)
+    m = cut["mask"].bool()
+    torch.testing.assert_close(lp[m], ref[m], atol=2e-5, rtol=0)
+    p = scores.softmax(-1)
+    torch.testing.assert_close(ent[m], -(p * p.clamp(min=1e-30).log()).sum(-1)[m], atol=1e-4, rtol=0)
+    assert torch.isfinite(ent).all()
+
+
+def test_no_eos_modes_and_the_paper_config():
+    "A truncated answer: `replace` scores exactly the penalty, `add` (the paper's run) adds it; paper_7b.yaml adds."
+    from pathlib import Path
+    from vlm_rlaif.pipeline import load_config
+    roll = fake_rollout([2, 4, 4], 4, [1.5, 3.0, -1.0])  # rows 1 and 2 ran out of tokens (no EOS)
+    base = dict(no_eos_penalty=-8.0, length_coef=0.0, reward_scale=1.0, whiten_advantages=False)
+    rep = compute_advantages(roll, PPOConfig(**base, no_eos_mode="replace"), kl_coef=0.1)["penalized_scores"]
+    add = compute_advantages(roll, PPOConfig(**base, no_eos_mode="add"), kl_coef=0.1)["penalized_scores"]
+    torch.testing.assert_close(rep, torch.tensor([1.5, -8.0, -8.0]))
+    torch.testing.assert_close(add, torch.tensor([1.5, -5.0, -9.0]))
+    assert PPOConfig().no_eos_mode == "replace"  # the dataclass default (the original code's default)
+    paper = load_config(Path(__file__).parents[1] / "configs" / "paper_7b.yaml")
+    ppo = PPOConfig.from_dict(paper.ppo)
+    assert (ppo.no_eos_penalty, ppo.no_eos_mode) == (-8.0, "add")  # --relative_stop_token_penalty True
+
+
+def _first_minibatch_ratio(world, mixed_precision, autocast=True):
+    "Max |ratio - 1| on the first PPO minibatch, rollouts and update under `Accelerator(cpu=True, mixed_precision)`."
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, GradientState
+    from vlm_rlaif.data import Collator, PromptDataset, load_records
+    from vlm_rlaif.ppo import PolicyWithValue, make_rollouts, ppo_update
+    from vlm_rlaif.reward import RewardModel
+    AcceleratorState._reset_state(reset_partial_state=False); GradientState._reset_state()
+    acc = Accelerator(cpu=True, mixed_precision=mixed_precision)
+    cfg = ppo_cfg(world, rollout_batch_size=4, generation_batch_size=3, minibatch_size=2, ppo_epochs=1)
+    pol = load_policy(world["root"] / "sft", LoraSettings(r=4, alpha=8, dropout=0.0, train_projector=False))
+    rm = RewardModel.from_pretrained(world["root"] / "rm" / "model").requires_grad_(False).eval()
+    ds = PromptDataset(load_records(cfg.prompts, "rl")[:4], pol.tokenizer, FeatureCache(cfg.features_dir, world["enc"]),
+                       root=world["data"], max_length=512)
+    vh = ValueHead(rm.config.hidden_size)
+    opt = torch.optim.AdamW([p for p in pol.parameters() if p.requires_grad] + list(vh.parameters()), lr=1e-3)
+    model, opt = acc.prepare(PolicyWithValue(pol, vh), opt)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    torch.manual_seed(0)
+    batch = Collator(pol.tokenizer.pad_token_id, padding_side="left")([ds[i] for i in range(4)])
+    roll = make_rollouts(pol, rm, vh, batch, [[] for _ in range(4)], cfg,
+                         autocast=acc.autocast if autocast else __import__("contextlib").nullcontext)
+    stats = ppo_update(model, opt, sched, acc, roll, compute_advantages(roll, cfg, 0.1), cfg)
+    assert len(stats) == 2
+    return float(stats[0]["val/ratio_maxdev"])
+
+
+@pytest.mark.parametrize("mixed_precision", ["no", "bf16"])
+def test_first_minibatch_ratio_is_one(world, mixed_precision):
+    "Old log-probs come from the same computation (autocast included) as the update's: ratio 1 before any step."
+    assert _first_minibatch_ratio(world, mixed_precision) < 1e-6
+    if mixed_precision == "bf16":  # the bug this pins: rollout log-probs in fp32, the update under bf16 autocast
+        assert _first_minibatch_ratio(world, "bf16", autocast=False) > 1e-5
+
+
+def test_batch_sizes_are_global():
+    from vlm_rlaif.ppo import batch_sizes
+    cfg = PPOConfig(rollout_batch_size=256, minibatch_size=128)
+    assert batch_sizes(cfg, 1) == (256, 128) and batch_sizes(cfg, 8) == (32, 16)
+    with pytest.raises(ValueError, match="minibatch_size=128 is not divisible"):
+        batch_sizes(PPOConfig(rollout_batch_size=384, minibatch_size=128), 3)
+    with pytest.raises(ValueError, match="rollout_batch_size=256 is not divisible"): batch_sizes(PPOConfig(minibatch_size=2), 3)
+    with pytest.raises(ValueError, match="multiple of minibatch_size"): batch_sizes(PPOConfig(minibatch_size=96), 1)

@@ -5,6 +5,7 @@
 # %% ../nbs/08_ppo.ipynb #23aaf4ca
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import time
@@ -27,8 +28,9 @@ from .model import LoraSettings, VideoLMM, add_lora
 # %% auto #0
 __all__ = ['KL_ESTIMATORS', 'PLACEMENTS', 'PPOConfig', 'truncate_at_eos', 'kl_estimate', 'score_penalties', 'place_scores',
            'shape_rewards', 'masked_mean', 'whiten', 'gae', 'policy_loss', 'value_loss', 'KLController', 'load_policy',
-           'trainable_state', 'ValueHead', 'response_logprobs', 'rm_prompt_ids', 'reward_inputs', 'score_responses',
-           'make_rollouts', 'compute_advantages', 'PolicyWithValue', 'ppo_update', 'rm_prompt_settings', 'train_ppo']
+           'trainable_state', 'ValueHead', 'suppressed_ids', 'sampling_logprobs', 'response_logprobs', 'rm_prompt_ids',
+           'reward_inputs', 'score_responses', 'make_rollouts', 'compute_advantages', 'PolicyWithValue', 'batch_sizes',
+           'ppo_update', 'rm_prompt_settings', 'train_ppo']
 
 # %% ../nbs/08_ppo.ipynb #5dea8ccf
 KL_ESTIMATORS = ("k1", "k1_clamp", "k3")
@@ -58,7 +60,7 @@ class PPOConfig(Config):
     rm_prompt: str | None = None  # None: the RM prompt the RM was trained with (its train_reward config.json); "none": no RM prompt
     rm_use_context: bool | None = None  # None: as the RM was trained; True needs a `context` in every RL record
     no_eos_penalty: float = -8.0  # score of (or added to) a response without EOS; None: off
-    no_eos_mode: str = "replace"  # "replace" (original default) or "add" (relative penalty)
+    no_eos_mode: str = "replace"  # "replace": the score becomes the penalty | "add": penalty added (the paper's run)
     length_coef: float = -10.0  # score += length_coef * length / max_new_tokens (0: off)
     score_placement: str = "last_token"  # "last_token" (ours) | "last_slot" (the original's last padded position)
     kl_estimator: str = "k1_clamp"  # "k1" | "k1_clamp" (original) | "k3"
@@ -76,7 +78,7 @@ class PPOConfig(Config):
     cliprange_value: float = 0.2
     vf_coef: float = 0.1
     ppo_epochs: int = 2
-    minibatch_size: int = 64  # rollouts per optimiser update (per process)
+    minibatch_size: int = 64  # rollouts per optimiser update (all processes together)
     # optimisation
     lr: float = 3e-5
     value_lr: float | None = None  # None: lr
@@ -157,17 +159,26 @@ def shape_rewards(scores: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor, kl
     return dict(rewards=non_score + place_scores(scores, mask, placement), non_score_rewards=non_score)
 
 # %% ../nbs/08_ppo.ipynb #79ad259b
-def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    "Mean of `x` over the positions where `mask` is 1."
+def _all_sum(t: torch.Tensor, accelerator=None) -> torch.Tensor:
+    "`t` summed over the processes of `accelerator` (itself when there is none or one process)."
+    if accelerator is None or accelerator.num_processes == 1: return t
+    return accelerator.reduce(t, "sum")
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor, accelerator=None) -> torch.Tensor:
+    "Mean of `x` over the positions where `mask` is 1 (with `accelerator`: over the positions of every process)."
     mask = mask.to(x.dtype)
-    return (x * mask).sum() / mask.sum().clamp(min=1)
+    s = _all_sum(torch.stack([(x * mask).sum(), mask.sum()]), accelerator)
+    return s[0] / s[1].clamp(min=1)
 
 
-def whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8) -> torch.Tensor:
-    "Normalise `x` to unit variance over `mask` (and zero mean if `shift_mean`); 0 outside the mask."
-    mean = masked_mean(x, mask)
-    n = mask.sum().clamp(min=2)
-    var = masked_mean((x - mean) ** 2, mask) * n / (n - 1)
+def whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8,
+           accelerator=None) -> torch.Tensor:
+    """Normalise `x` to unit variance over `mask` (and zero mean if `shift_mean`); 0 outside the mask. With
+    `accelerator`, mean and variance are those of the full batch: all processes' positions together."""
+    mean = masked_mean(x, mask, accelerator)
+    n = _all_sum(mask.to(x.dtype).sum(), accelerator).clamp(min=2)
+    var = masked_mean((x - mean) ** 2, mask, accelerator) * n / (n - 1)
     out = (x - mean) * torch.rsqrt(var + eps)
     if not shift_mean: out = out + mean
     return out * mask
@@ -192,7 +203,7 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: 
 
 def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
                 cliprange: float = 0.2) -> tuple[torch.Tensor, dict]:
-    "PPO clipped surrogate loss (masked mean) and its statistics: approx KL, clip fraction, mean/var of the ratio."
+    "PPO clipped surrogate loss (masked mean) and its statistics: approx KL, clip fraction, mean/var/max |r - 1| of the ratio."
     log_ratio = (logp - old_logp) * mask
     ratio = log_ratio.exp()
     l1 = -advantages * ratio
@@ -201,7 +212,8 @@ def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Te
     with torch.no_grad():
         r_mean = masked_mean(ratio, mask)
         stats = dict(approxkl=0.5 * masked_mean(log_ratio ** 2, mask), clipfrac=masked_mean((l2 > l1).float(), mask),
-                     ratio=r_mean, ratio_var=masked_mean((ratio - r_mean) ** 2, mask))
+                     ratio=r_mean, ratio_var=masked_mean((ratio - r_mean) ** 2, mask),
+                     ratio_maxdev=((ratio - 1).abs() * mask).max() if mask.numel() else ratio.new_zeros(()))
     return loss, stats
 
 
@@ -257,20 +269,34 @@ class ValueHead(nn.Module):
         return self.linear(hidden.to(self.linear.weight.dtype)).squeeze(-1)
 
 # %% ../nbs/08_ppo.ipynb #9a264f8e
+def suppressed_ids(model) -> list[int]:
+    "Token ids `VideoLMM.generate` never samples (its `<image>` id), for a VideoLMM or a wrapper of one."
+    m = getattr(model, "module", model)
+    i = getattr(m, "image_token_id", None)
+    return [] if i is None else [int(i)]
+
+
+def sampling_logprobs(logits: torch.Tensor, temperature: float = 1.0, suppress: list[int] = ()) -> torch.Tensor:
+    "Log-probs over the vocabulary of the sampling distribution: float32 `logits / temperature`, `suppress` ids at -inf."
+    logits = logits.float() / temperature
+    if len(suppress): logits = logits.index_fill(-1, torch.tensor(list(suppress), device=logits.device), float("-inf"))
+    return logits.log_softmax(-1)
+
+
 def response_logprobs(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, video_feats: torch.Tensor,
                       responses: torch.Tensor, response_mask: torch.Tensor, temperature: float = 1.0,
                       with_entropy: bool = False):
     """Log-probs [B, R] of `responses` after left-padded prompts (+ video) under `model` (a VideoLMM or its
-    accelerate wrapper); with `with_entropy` also the per-token entropy of the sampling distribution."""
+    accelerate wrapper), from the distribution `generate` samples from (`<image>` suppressed); with `with_entropy`
+    also the per-token entropy of that distribution."""
     R = responses.shape[1]
     ids = torch.cat([prompt_ids, responses], 1)
     mask = torch.cat([prompt_mask, response_mask.to(prompt_mask.dtype)], 1)
     out = model(input_ids=ids, attention_mask=mask, video_feats=video_feats, logits_to_keep=R + 1)
-    logits = out.logits[:, -R - 1:-1].float() / temperature
-    logp_all = logits.log_softmax(-1)
+    logp_all = sampling_logprobs(out.logits[:, -R - 1:-1], temperature, suppressed_ids(model))
     logp = logp_all.gather(-1, responses.unsqueeze(-1)).squeeze(-1)
     if not with_entropy: return logp
-    return logp, -(logp_all.exp() * logp_all).sum(-1)
+    return logp, torch.special.entr(logp_all.exp()).sum(-1)  # entr(0) = 0: the suppressed ids add nothing
 
 # %% ../nbs/08_ppo.ipynb #394f33ee
 def rm_prompt_ids(tokenizer, reward_prompt: str | None, records, use_context: bool = False,
@@ -335,9 +361,11 @@ def _pad_cols(x: torch.Tensor, n: int, value) -> torch.Tensor:
 
 @torch.no_grad()
 def make_rollouts(policy: VideoLMM, reward_model, value_head: nn.Module, batch: dict, suffix_ids: list[list[int]],
-                  cfg: PPOConfig, progress: bool = False) -> dict:
+                  cfg: PPOConfig, progress: bool = False, autocast: Callable = contextlib.nullcontext) -> dict:
     """Sample, cut and evaluate responses for a left-padded prompt `batch` (input_ids, attention_mask, video_feats):
-    returns prompts, responses, `mask`, lengths, has_eos, logp, ref_logp, entropy, scores, hidden, values."""
+    returns prompts, responses, `mask`, lengths, has_eos, logp, ref_logp, entropy, scores, hidden, values.
+    `autocast()`: the context the PPO update's forward runs in (`accelerator.autocast`), for the policy, reference
+    and value passes, so that the old log-probs and values come from the same computation as the update's."""
     tok, dev, G = policy.tokenizer, policy.device, cfg.generation_batch_size
     P, PM, VF = (batch[k].to(dev) for k in ("input_ids", "attention_mask", "video_feats"))
     was = policy.training; policy.eval()
@@ -352,21 +380,23 @@ def make_rollouts(policy: VideoLMM, reward_model, value_head: nn.Module, batch: 
     for s in range(0, len(P), G):
         sl = slice(s, s + G)
         args = (P[sl], PM[sl], VF[sl], out["responses"][sl], out["mask"][sl])
-        lp, ent = response_logprobs(policy, *args, temperature=cfg.temperature, with_entropy=True)
-        with policy.lm.disable_adapter():
-            ref = response_logprobs(policy, *args, temperature=cfg.temperature)
+        with autocast():
+            lp, ent = response_logprobs(policy, *args, temperature=cfg.temperature, with_entropy=True)
+            with policy.lm.disable_adapter():
+                ref = response_logprobs(policy, *args, temperature=cfg.temperature)
         sc = score_responses(reward_model, P[sl], PM[sl], VF[sl], out["responses"][sl], out["lengths"][sl],
                              suffix_ids[sl], tok.pad_token_id)
         for k, v in zip(parts, (lp, ent, ref, sc["scores"], sc["hidden"])): parts[k].append(v)
     out.update({k: torch.cat(v) for k, v in parts.items()})
-    out["values"] = value_head(out["hidden"]).float()
+    with autocast(): out["values"] = value_head(out["hidden"]).float()
     policy.train(was)
     return out
 
 
-def compute_advantages(roll: dict, cfg: PPOConfig, kl_coef: float) -> dict:
-    """Penalised scores, per-token KL, shaped and scaled rewards, values, GAE advantages (whitened) and returns.
-    `train_mask` is the response mask, or every slot of the window with `score_placement='last_slot'` (the original)."""
+def compute_advantages(roll: dict, cfg: PPOConfig, kl_coef: float, accelerator=None) -> dict:
+    """Penalised scores, per-token KL, shaped and scaled rewards, values, GAE advantages (whitened; with
+    `accelerator` over the rollouts of all processes) and returns. `train_mask` is the response mask, or every slot
+    of the window with `score_placement='last_slot'` (the original)."""
     mask = roll["mask"]
     tm = mask if cfg.score_placement == "last_token" else torch.ones_like(mask)
     kl = kl_estimate(roll["logp"], roll["ref_logp"], cfg.kl_estimator)
@@ -374,10 +404,10 @@ def compute_advantages(roll: dict, cfg: PPOConfig, kl_coef: float) -> dict:
                              cfg.no_eos_penalty, cfg.no_eos_mode, cfg.length_coef)
     shaped = shape_rewards(scores, kl, tm, kl_coef, cfg.score_placement)
     rewards = shaped["rewards"] * cfg.reward_scale
-    if cfg.whiten_rewards: rewards = whiten(rewards, tm, shift_mean=False)
+    if cfg.whiten_rewards: rewards = whiten(rewards, tm, shift_mean=False, accelerator=accelerator)
     values = roll["values"] * tm
     adv, ret = gae(rewards, values, tm, cfg.gamma, cfg.lam)
-    if cfg.whiten_advantages: adv = whiten(adv, tm)
+    if cfg.whiten_advantages: adv = whiten(adv, tm, accelerator=accelerator)
     return dict(train_mask=tm, kl=kl * tm, penalized_scores=scores, rewards=rewards,
                 non_score_rewards=shaped["non_score_rewards"], values=values, advantages=adv, returns=ret)
 
@@ -413,20 +443,33 @@ class PolicyWithValue(nn.Module):
         return logp, self.value_head(mb["hidden"])
 
 
+def batch_sizes(cfg: PPOConfig, num_processes: int) -> tuple[int, int]:
+    """(rollouts, minibatch) of each process: `rollout_batch_size` and `minibatch_size` are global (all processes
+    together); each must split evenly over the processes, and the rollouts into whole minibatches."""
+    R, M, n = cfg.rollout_batch_size, cfg.minibatch_size, num_processes
+    if R % n: raise ValueError(f"rollout_batch_size={R} is not divisible by {n} processes")
+    if M % n: raise ValueError(f"minibatch_size={M} is not divisible by {n} processes")
+    if R % M: raise ValueError(f"rollout_batch_size={R} is not a multiple of minibatch_size={M}")
+    return R // n, M // n
+
+
 def ppo_update(model, optimizer, scheduler, accelerator, roll: dict, adv: dict, cfg: PPOConfig,
                step: int = 0, params=None) -> list[dict]:
     """`cfg.ppo_epochs` epochs of clipped PPO updates of `model` (a `PolicyWithValue`, prepared by `accelerator`) over
-    the rollouts in minibatches of `cfg.minibatch_size`; returns one stats dict per minibatch (the first one is the
-    first minibatch of the first epoch)."""
+    the rollouts in minibatches of `cfg.minibatch_size` (global: each process takes its share of every minibatch
+    from its own rollouts); returns one stats dict per optimiser update (the first one is the first minibatch of
+    the first epoch)."""
     from vlm_rlaif.training import check_finite
     N = len(roll["responses"])
+    mb_size = cfg.minibatch_size // accelerator.num_processes
+    if mb_size < 1: raise ValueError(f"minibatch_size={cfg.minibatch_size} < {accelerator.num_processes} processes")
     gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
     params = params if params is not None else [p for g in optimizer.param_groups for p in g["params"]]
     stats = []
     for epoch in range(cfg.ppo_epochs):
         perm = torch.randperm(N, generator=gen)
-        for s in range(0, N, cfg.minibatch_size):
-            mb = _trim(perm[s:s + cfg.minibatch_size].to(roll["responses"].device), roll, adv)
+        for s in range(0, N, mb_size):
+            mb = _trim(perm[s:s + mb_size].to(roll["responses"].device), roll, adv)
             logp, vpred = model(mb, temperature=cfg.temperature)
             pg, ps = policy_loss(logp, mb["logp"], mb["advantages"], mb["train_mask"], cfg.cliprange)
             vl, vs = value_loss(vpred, mb["values"], mb["returns"], mb["train_mask"], cfg.cliprange_value)
@@ -436,6 +479,7 @@ def ppo_update(model, optimizer, scheduler, accelerator, roll: dict, adv: dict, 
             optimizer.step(); scheduler.step(); optimizer.zero_grad(set_to_none=True)
             stats.append({"loss/policy": pg.detach(), "loss/value": vl.detach(), "policy/approxkl": ps["approxkl"],
                           "policy/clipfrac": ps["clipfrac"], "val/ratio": ps["ratio"], "val/ratio_var": ps["ratio_var"],
+                          "val/ratio_maxdev": ps["ratio_maxdev"],
                           "val/clipfrac": vs["clipfrac"], "val/error": vs["error"], "val/vpred": vs["vpred"],
                           "policy/grad_norm": torch.as_tensor(float("nan") if gn is None else float(gn)),
                           "epoch": epoch})
@@ -485,13 +529,14 @@ def train_ppo(cfg: PPOConfig, out_dir, policy: VideoLMM | None = None, reward_mo
     signature) is only logged, as `objective/monitor`."""
     from transformers import get_scheduler
     from vlm_rlaif.training import (MetricLogger, gathered_params, generation_model, latest_checkpoint,
-                                    load_checkpoint, make_accelerator, mark_done, save_checkpoint, stage_done)
+                                    load_checkpoint, make_accelerator, mark_done, process_rank, save_checkpoint,
+                                    stage_done)
     out = Path(out_dir)
     if stage_done(out): return out
     acc = make_accelerator(cfg.mixed_precision, deepspeed_config=cfg.deepspeed_config, seed=cfg.seed,
-                           micro_batch_size=cfg.minibatch_size, max_grad_norm=cfg.max_grad_norm)
-    if cfg.rollout_batch_size % acc.num_processes:
-        raise ValueError(f"rollout_batch_size={cfg.rollout_batch_size} is not divisible by {acc.num_processes} processes")
+                           micro_batch_size=max(1, cfg.minibatch_size // process_rank()[1]),
+                           max_grad_norm=cfg.max_grad_norm)
+    batch_sizes(cfg, acc.num_processes)  # before any model is loaded
     if policy is None:
         policy = load_policy(cfg.sft_model_dir, LoraSettings(**{**cfg.lora, "train_projector": False}))
     if reward_model is None:
@@ -511,8 +556,7 @@ def train_ppo(cfg: PPOConfig, out_dir, policy: VideoLMM | None = None, reward_mo
     collate = Collator(tok.pad_token_id, padding_side="left")
     value_head = ValueHead(rm.config.hidden_size).to(acc.device)
     num_steps = cfg.num_steps or math.ceil(len(ds) / cfg.rollout_batch_size)
-    per_proc = cfg.rollout_batch_size // acc.num_processes
-    total_updates = num_steps * cfg.ppo_epochs * math.ceil(per_proc / cfg.minibatch_size)
+    total_updates = num_steps * cfg.ppo_epochs * (cfg.rollout_batch_size // cfg.minibatch_size)
     lora_params = [p for p in policy.parameters() if p.requires_grad]
     base_opt = torch.optim.AdamW([{"params": lora_params, "lr": cfg.lr},
                                   {"params": list(value_head.parameters()), "lr": cfg.value_lr or cfg.lr}],
@@ -542,7 +586,7 @@ def train_ppo(cfg: PPOConfig, out_dir, policy: VideoLMM | None = None, reward_mo
             recs = [ds.records[it["index"]] for it in items]
             suffix = rm_prompt_ids(tok, prompt_text, recs, use_ctx, ctx_key)
             with generation_model(acc, model_w) as m:  # ZeRO-3: weights gathered once for the whole rollout batch
-                roll = make_rollouts(m.policy, rm, m.value_head, collate(items), suffix, cfg)
+                roll = make_rollouts(m.policy, rm, m.value_head, collate(items), suffix, cfg, autocast=acc.autocast)
             extra = {}
             if reward_fn is not None or monitor_fn is not None:
                 texts = [t.strip() for t in tok.batch_decode(roll["responses"], skip_special_tokens=True)]
@@ -550,7 +594,7 @@ def train_ppo(cfg: PPOConfig, out_dir, policy: VideoLMM | None = None, reward_mo
                 if reward_fn is not None:
                     extra["objective/rm_scores"] = roll["scores"].mean()
                     roll["scores"] = torch.as_tensor(reward_fn(recs, texts), dtype=torch.float32, device=roll["scores"].device)
-            adv = compute_advantages(roll, cfg, kl_ctl.value)
+            adv = compute_advantages(roll, cfg, kl_ctl.value, accelerator=acc)
             stats = ppo_update(model_w, opt, sched, acc, roll, adv, cfg, step, params)
             m, mask = roll["mask"], roll["mask"].float()
             k1 = kl_estimate(roll["logp"], roll["ref_logp"], "k1") * mask
@@ -568,6 +612,7 @@ def train_ppo(cfg: PPOConfig, out_dir, policy: VideoLMM | None = None, reward_mo
                 "loss/policy_avg": mean("loss/policy"), "loss/value_avg": mean("loss/value"),
                 "val/clipfrac_avg": mean("val/clipfrac"), "val/ratio": mean("val/ratio"),
                 "val/ratio_var": mean("val/ratio_var"), "val/ratio_first": stats[0]["val/ratio"],
+                "val/ratio_first_maxdev": stats[0]["val/ratio_maxdev"], "policy/num_updates": len(stats),
                 "val/error": mean("val/error"), "policy/grad_norm_avg": mean("policy/grad_norm"),
                 "val/num_eos_tokens": roll["has_eos"].float().sum(), "val/eos_fraction": roll["has_eos"].float().mean(),
                 "val/response_length": roll["lengths"].float().mean(), "val/returns": masked_mean(adv["returns"], adv["train_mask"]),
