@@ -28,7 +28,7 @@ def test_pages_exist_and_are_linked(site):
     for p in [site / "index.html", *site.glob("*.html"), *(site / "api").glob("*.html")]:
         text = p.read_text()
         assert not REMOTE.search(text), f"{p.name} loads something from the network"
-        assert "#| export" not in text and "#| hide" not in text and "default_exp" not in text, p.name
+        assert "#| export" not in text and "#| hide" not in text and "#| default_exp" not in text, p.name
     assert "<svg" in index and "mermaid" in index  # the pipeline diagram, drawn locally, with its source
     from vlm_rlaif import frames
     api = (site / "api" / "frames.html").read_text()
