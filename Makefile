@@ -1,6 +1,7 @@
 # Two commands do all set-up on a fresh machine with only Python:
 #   make demo   - create .venv if missing, then run the whole pipeline on the toy world (CPU)
 #   make test   - create .venv if missing, then check notebooks/library sync and run all tests
+#   make docs   - a static HTML site of the executed notebooks and an API page per module, in _docs/
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
@@ -9,7 +10,7 @@ STAMP := $(VENV)/.installed
 OUT ?= runs/demo
 CONFIG ?= configs/toy.yaml
 
-.PHONY: demo test install lint-nbs nbtest pytest readme clean
+.PHONY: demo test install lint-nbs nbtest pytest readme docs clean
 
 install: $(STAMP)
 
@@ -27,6 +28,9 @@ test: $(STAMP)
 
 readme: $(STAMP)
 	$(BIN)/python .ci/make_readme.py
+
+docs: $(STAMP)
+	$(BIN)/python .ci/make_docs.py
 
 clean:
 	rm -rf runs _proc _docs
