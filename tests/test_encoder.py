@@ -128,3 +128,15 @@ def test_openai_weights_offline_error():
             pytest.skip("ViT-L-14-336 openai weights are cached on this machine")
     with pytest.raises(RuntimeError, match="HF_HUB_OFFLINE"):
         build_vision_tower(EncoderConfig())
+
+
+def test_paper_config_pads_and_toy_keeps_its_cache_key():
+    "The paper's config pads frames to square (LLaVA-1.5 `pad`); the toy config crops, with the key from before `aspect`."
+    import yaml
+    root = os.path.join(os.path.dirname(__file__), "..", "configs")
+    paper = EncoderConfig.from_dict(yaml.safe_load(open(os.path.join(root, "paper_7b.yaml")))["encoder"])
+    assert paper.aspect == "pad" and paper.fingerprint() != EncoderConfig.from_dict({**paper.to_dict(), "aspect": "crop"}).fingerprint()
+    toy = EncoderConfig.from_dict(yaml.safe_load(open(os.path.join(root, "toy.yaml")))["encoder"])
+    assert toy.aspect == "crop" and toy.fingerprint() == "ddd39ebe4caaf019"  # toy.yaml's encoder = toy_encoder_config()
+    tower = build_vision_tower(EncoderConfig.from_dict({**toy.to_dict(), "aspect": "pad"}))
+    assert tower.transform.transforms[0].__class__.__name__ == "ResizeKeepRatio"  # open_clip's 'longest' resize, then pad

@@ -329,3 +329,17 @@ def test_two_process_cpu_reward(toy, tmp_path):
     assert [r["step"] for r in read_metrics(out) if "bt" in r] == [1, 2, 3]
     assert (out / "checkpoints" / "step_000002").is_dir()
     RewardModel.from_pretrained(out / "model")
+
+
+def test_paper_config_uses_the_original_rm_schedule_and_dropout():
+    "paper_7b.yaml's reward model: the original's constant-with-warm-up schedule and LoRA dropout 0."
+    import yaml
+    from vlm_rlaif.reward import RewardConfig, rm_scheduler
+    path = os.path.join(os.path.dirname(__file__), "..", "configs", "paper_7b.yaml")
+    cfg = RewardConfig.from_dict(yaml.safe_load(open(path))["reward"])
+    assert cfg.lr_scheduler == "constant_with_warmup" and cfg.lora.dropout == 0.0
+    opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=cfg.lr)
+    sched, lrs = rm_scheduler(cfg, opt, 200), []
+    for _ in range(200): lrs.append(sched.get_last_lr()[0]); opt.step(); sched.step()
+    assert lrs[0] == 0.0 and lrs[6:] == [cfg.lr] * 194  # 6 warm-up steps (3%), then flat
+    with pytest.raises(ValueError, match="lr_scheduler"): RewardConfig(lr_scheduler="cosine_typo")

@@ -191,3 +191,25 @@ def test_text_warmup_runs_once_before_sft_and_resume_is_exact(world, tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
     with pytest.raises(ValueError, match="text_warmup_steps"):
         cfg_for(world, text_warmup_steps=-1)
+
+
+def _rec(i, answer, **kw):
+    return dict(id=f"r{i}", video="v.mp4", conversations=[{"from": "human", "value": "<image>\nQ?"},
+                                                         {"from": "gpt", "value": answer}], **kw)
+
+
+def test_curriculum_stages_are_the_files(tmp_path):
+    "The paper's stages are its files: a short answer in SFT_long.json is hard, a long one in SFT_short.json easy."
+    from vlm_rlaif.sft import load_sft_records, sft_stages
+    long_ans = " ".join(["word"] * 40)
+    (tmp_path / "SFT_short.json").write_text(json.dumps([_rec(0, long_ans), _rec(1, "Red.")]))
+    (tmp_path / "SFT_long.json").write_text(json.dumps([_rec(2, "Yes."), _rec(3, long_ans, difficulty="easy")]))
+    import yaml
+    paper = yaml.safe_load(open(os.path.join(os.path.dirname(__file__), "..", "configs", "paper_7b.yaml")))["sft"]
+    cfg = SFTConfig.from_dict({**paper, "data_dir": str(tmp_path), "deepspeed_config": None})
+    stages = {n: [r["id"] for r in rs] for n, rs in sft_stages(load_sft_records(cfg), threshold=cfg.curriculum_threshold)}
+    assert stages == {"easy": ["r0", "r1", "r3"], "hard": ["r2"]}  # r3's own label wins over its file
+    # with the file mapping off, the word count decides again
+    cfg = SFTConfig.from_dict({**paper, "data_dir": str(tmp_path), "deepspeed_config": None, "file_stages": {}})
+    stages = {n: [r["id"] for r in rs] for n, rs in sft_stages(load_sft_records(cfg))}
+    assert stages == {"easy": ["r1", "r2", "r3"], "hard": ["r0"]}

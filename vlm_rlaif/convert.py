@@ -184,7 +184,7 @@ class LlavaCheckpointConfig:
         return AutoConfig.for_model(self.family, **self.lm_config)
 
 
-def encoder_for_tower(tower: str | None, select_layer: int = -2, n_frames: int = 50) -> EncoderConfig:
+def encoder_for_tower(tower: str | None, select_layer: int = -2, n_frames: int = 50, aspect: str = "crop") -> EncoderConfig:
     "open_clip `EncoderConfig` for a LLaVA `mm_vision_tower` name (hub id or a local dir named like it)."
     name = str(tower or "")
     key = name if name in KNOWN_TOWERS else next((k for k in KNOWN_TOWERS if Path(name).name == k.split("/")[1]), None)
@@ -192,7 +192,7 @@ def encoder_for_tower(tower: str | None, select_layer: int = -2, n_frames: int =
         raise ValueError(f"mm_vision_tower={tower!r} has no known open_clip equivalent (known: {sorted(KNOWN_TOWERS)}); "
                          "pass encoder=EncoderConfig(...) for it")
     arch, tag = KNOWN_TOWERS[key]
-    return EncoderConfig(model_name=arch, pretrained=tag, select_layer=int(select_layer), n_frames=n_frames)
+    return EncoderConfig(model_name=arch, pretrained=tag, select_layer=int(select_layer), n_frames=n_frames, aspect=aspect)
 
 
 def read_llava_config(path, encoder: EncoderConfig | dict | None = None, dtype: str | None = None,
@@ -233,7 +233,8 @@ def read_llava_config(path, encoder: EncoderConfig | dict | None = None, dtype: 
     select_layer = int(raw.get("mm_vision_select_layer", -2))
     if encoder is None:
         try:
-            enc = encoder_for_tower(raw.get("mm_vision_tower") or raw.get("vision_tower"), select_layer)
+            aspect = "pad" if raw.get("image_aspect_ratio") == "pad" else "crop"  # LLaVA: 'pad' or the processor's crop
+            enc = encoder_for_tower(raw.get("mm_vision_tower") or raw.get("vision_tower"), select_layer, aspect=aspect)
         except ValueError as e:
             raise ValueError(f"{cfg_file}: {e}") from None
     else:

@@ -31,9 +31,9 @@ from .config import Config
 from .frames import VideoError, list_frame_images, load_frames
 
 # %% auto #0
-__all__ = ['TINY_VISION', 'FEATURE_STATS', 'FEATURE_DTYPES', 'GRID_CELLS', 'block_index', 'EncoderConfig', 'num_visual_tokens',
-           'toy_encoder_config', 'VisionTower', 'build_vision_tower', 'spatio_temporal_pool', 'feature_bytes',
-           'FeatureCache', 'frame_caption', 'TowerPretrainConfig', 'pretrain_toy_tower']
+__all__ = ['TINY_VISION', 'ASPECTS', 'FEATURE_STATS', 'FEATURE_DTYPES', 'GRID_CELLS', 'block_index', 'EncoderConfig',
+           'num_visual_tokens', 'toy_encoder_config', 'VisionTower', 'build_vision_tower', 'spatio_temporal_pool',
+           'feature_bytes', 'FeatureCache', 'frame_caption', 'TowerPretrainConfig', 'pretrain_toy_tower']
 
 # %% ../nbs/02_encoder.ipynb #1ba3c27d
 TINY_VISION = dict(image_size=64, patch_size=8, width=64, layers=3, heads=2, mlp_ratio=4.0)  # the toy-world ViT
@@ -46,11 +46,14 @@ def block_index(select_layer: int, n_layers: int) -> int:
                          f"or 1..{n_layers} (0, the patch embeddings before any block, is not supported)")
     return h - 1
 
+ASPECTS = ("crop", "pad")  # how a non-square frame becomes the square tower input
+
 def _pair(x) -> tuple[int, int]: return (int(x), int(x)) if isinstance(x, (int, float)) else (int(x[0]), int(x[1]))
 
 @dataclass
 class EncoderConfig(Config):
-    "Which frozen vision tower makes the video features, and how many frames it sees. Defaults: the paper's."
+    """Which frozen vision tower makes the video features, how many frames it sees and how a frame is made square.
+    Defaults: the paper's, except `aspect` ('crop' keeps earlier configs and feature caches valid; the paper pads)."""
     model_name: str = "ViT-L-14-336"  # open_clip architecture (ignored when `tiny` is set)
     pretrained: str | None = "openai"  # open_clip tag, local checkpoint file, or None (seeded random init)
     tiny: dict | None = None  # small random-init ViT: overrides of TINY_VISION (image_size, patch_size, width, layers, heads, mlp_ratio)
@@ -58,11 +61,15 @@ class EncoderConfig(Config):
     n_frames: int = 50  # frames sampled uniformly per video
     seed: int = 0  # init seed of a random tower
     quick_gelu: bool | None = None  # None: as the open_clip model config / pretrained tag says
+    # 'crop': resize the shortest side, centre crop (drops the sides of a wide frame); 'pad': LLaVA-1.5's
+    # `image_aspect_ratio=pad` (what VLM-RLAIF ran): the whole frame, resized by its longest side, on the CLIP mean colour
+    aspect: str = "crop"
 
     def __post_init__(self):
         if self.tiny is not None:
             bad = set(self.tiny) - set(TINY_VISION)
             if bad: raise ValueError(f"EncoderConfig.tiny: unknown keys {sorted(bad)}; allowed: {sorted(TINY_VISION)}")
+        if self.aspect not in ASPECTS: raise ValueError(f"EncoderConfig.aspect must be one of {ASPECTS}, got {self.aspect!r}")
         if int(self.n_frames) < 1: raise ValueError(f"EncoderConfig.n_frames must be >= 1, got {self.n_frames}")
         vc = self.vision_cfg()
         block_index(self.select_layer, vc["layers"])
@@ -98,6 +105,7 @@ class EncoderConfig(Config):
     def fingerprint(self) -> str:
         "Short hash of everything that changes the features (a local checkpoint counts by path, size and mtime)."
         d = dict(self.to_dict(), format=1)
+        if d["aspect"] == "crop": del d["aspect"]  # caches made before `aspect` existed are crop caches: keep their key
         if self.pretrained and os.path.isfile(self.pretrained):
             st = os.stat(self.pretrained)
             d["pretrained"] = [os.path.abspath(self.pretrained), st.st_size, st.st_mtime_ns]
@@ -196,7 +204,7 @@ class VisionTower(nn.Module):
     def dtype(self) -> torch.dtype: return next(self.parameters()).dtype
 
     def preprocess(self, frames: np.ndarray) -> torch.Tensor:
-        "uint8 frames `[T, H, W, 3]` -> normalised pixels `[T, 3, S, S]` (open_clip eval transform: resize, crop, mean/std)."
+        "uint8 frames `[T, H, W, 3]` -> normalised pixels `[T, 3, S, S]` (open_clip eval transform: resize, crop or pad, mean/std)."
         frames = _check_frames(frames)
         return torch.stack([self.transform(Image.fromarray(f)) for f in frames])
 
@@ -234,6 +242,8 @@ def build_vision_tower(cfg: EncoderConfig, device=None, dtype: torch.dtype | Non
             raise ValueError(f"{ckpt}: weights do not fit the {cfg.model_name if cfg.tiny is None else 'tiny'} "
                              f"vision tower: {str(e)[:500]}") from None
     pp = merge_preprocess_dict(PreprocessCfg(size=_pair(visual.image_size)), tag)
+    if cfg.aspect == "pad":  # open_clip's 'longest' mode: longest side to the tower's size, then pad, centred
+        pp.update(resize_mode="longest", fill_color=tuple(int(255 * m) for m in pp["mean"]))  # LLaVA's mean colour
     return VisionTower(visual, cfg, pp, stats).to(device=device, dtype=dtype or torch.float32)
 
 # %% ../nbs/02_encoder.ipynb #7782be17

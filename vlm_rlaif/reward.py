@@ -28,9 +28,10 @@ from .encoder import EncoderConfig, FeatureCache
 from .model import LoraSettings, VideoLMM, _is_peft, _replace_dir, add_lora
 
 # %% auto #0
-__all__ = ['REWARD_PROMPT', 'SEED_REWARD_PROMPT', 'CONTEXT_CLAUSE', 'PAPER_RM_LORA', 'CORRUPTIONS', 'rm_prompt',
+__all__ = ['REWARD_PROMPT', 'SEED_REWARD_PROMPT', 'CONTEXT_CLAUSE', 'PAPER_RM_LORA', 'CORRUPTIONS', 'RM_SCHEDULES', 'rm_prompt',
            'last_token_index', 'RewardModel', 'bt_loss', 'corrupt_answer', 'clip_context', 'toy_preference_records',
-           'noisy_labels', 'RewardConfig', 'pair_rewards', 'evaluate_rm', 'accuracy_against', 'train_reward']
+           'noisy_labels', 'RewardConfig', 'pair_rewards', 'evaluate_rm', 'accuracy_against', 'rm_scheduler',
+           'train_reward']
 
 # %% ../nbs/07_reward.ipynb #7fa8b3ed
 _CRITERIA = (
@@ -288,6 +289,8 @@ def noisy_labels(records, flip_rate: float, seed: int = 0) -> list[dict]:
     return out
 
 # %% ../nbs/07_reward.ipynb #9f1f6290
+RM_SCHEDULES = ("cosine", "constant_with_warmup", "linear", "constant")  # transformers scheduler names
+
 @dataclass
 class RewardConfig(Config):
     "Reward-model training: inputs and hyper-parameters (defaults: the paper's / the seed's where they give one)."
@@ -301,7 +304,7 @@ class RewardConfig(Config):
     lr: float = 2e-5
     weight_decay: float = 0.0
     warmup_ratio: float = 0.03
-    lr_scheduler: str = "cosine"
+    lr_scheduler: str = "cosine"      # one of RM_SCHEDULES; the original VLM-RLAIF RM: 'constant_with_warmup'
     epochs: int = 1
     batch_size: int = 4               # pairs per device and micro-batch
     gradient_accumulation_steps: int = 1
@@ -332,6 +335,9 @@ class RewardConfig(Config):
         for k in ("epochs", "batch_size", "gradient_accumulation_steps", "eval_batch_size"):
             if int(getattr(self, k)) < 1: raise ValueError(f"RewardConfig.{k} must be >= 1, got {getattr(self, k)}")
         if self.lr <= 0: raise ValueError(f"RewardConfig.lr must be > 0, got {self.lr}")
+        if self.lr_scheduler not in RM_SCHEDULES:
+            raise ValueError(f"RewardConfig.lr_scheduler must be one of {RM_SCHEDULES}, got {self.lr_scheduler!r}")
+        if not 0 <= self.warmup_ratio < 1: raise ValueError(f"RewardConfig.warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
         rm_prompt(self.use_context, self.reward_prompt)  # validates the prompt / context combination
 
 # %% ../nbs/07_reward.ipynb #eaa58d35
@@ -410,12 +416,18 @@ def _rm_datasets(cfg: RewardConfig, tokenizer, features):
     return PairwiseDataset(train, tokenizer, features, **kw), PairwiseDataset(val, tokenizer, features, **kw)
 
 # %% ../nbs/07_reward.ipynb #faf3be92
+def rm_scheduler(cfg: RewardConfig, optimizer, total_steps: int):
+    "The lr schedule of `cfg` (`lr_scheduler`, `warmup_ratio` of `total_steps` warm-up steps) on `optimizer`."
+    from transformers import get_scheduler
+    return get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=math.ceil(cfg.warmup_ratio * total_steps),
+                         num_training_steps=total_steps)
+
+
 def train_reward(cfg: RewardConfig, out_dir) -> Path:
     """Train a reward model from `cfg.sft_model_dir` on `cfg.train_file` pairs; writes `out_dir/model` (a RewardModel
     directory), `metrics.jsonl`, `eval.json` (held-out accuracy, per-pair margins; `truth_accuracy` when the pairs
     carry `truth_preference`), `config.json`, `checkpoints/` and `done.json`. Resumes from the last checkpoint;
     returns at once when `done.json` exists."""
-    from transformers import get_scheduler
     out = Path(out_dir)
     if stage_done(out): return out
     for k in ("sft_model_dir", "train_file", "features_dir"):
@@ -442,8 +454,7 @@ def train_reward(cfg: RewardConfig, out_dir) -> Path:
     per_epoch = math.ceil(len(dl) / ga)
     total = per_epoch * cfg.epochs if cfg.max_steps is None else min(cfg.max_steps, per_epoch * cfg.epochs)
     # on the torch optimizer: DeepSpeed's ZeRO optimizers read its param groups' lr
-    sched = get_scheduler(cfg.lr_scheduler, base_opt, num_warmup_steps=math.ceil(cfg.warmup_ratio * total),
-                          num_training_steps=total)
+    sched = rm_scheduler(cfg, base_opt, total)
     acc.register_for_checkpointing(sched)
     ckpt_root = out / "checkpoints"
     step, epoch, skip = 0, 0, 0

@@ -19,15 +19,15 @@ import torch
 from tqdm.auto import tqdm
 
 from .config import Config
-from .data import Collator, VideoInstructDataset, curriculum_split, load_records
+from .data import EASY, HARD, Collator, VideoInstructDataset, curriculum_split, load_records
 from .model import IMAGE_TOKEN
 from .training import (EpochSampler, MetricLogger, atomic_write_text, check_finite, gathered_params,
                                 generate_answers, latest_checkpoint, load_checkpoint, make_accelerator, mark_done,
                                 run_lock, save_checkpoint, stage_done)
 
 # %% auto #0
-__all__ = ['SCHEDULES', 'CRITERIA', 'SFTConfig', 'load_sft_records', 'sft_stages', 'record_texts', 'build_sft_model',
-           'text_warmup', 'stagewise_cosine', 'train_sft', 'chance_answers', 'score_sft']
+__all__ = ['SCHEDULES', 'CRITERIA', 'SFTConfig', 'file_stage', 'load_sft_records', 'sft_stages', 'record_texts',
+           'build_sft_model', 'text_warmup', 'stagewise_cosine', 'train_sft', 'chance_answers', 'score_sft']
 
 # %% ../nbs/05_sft.ipynb #25944c20
 SCHEDULES = ("per_stage", "joint")
@@ -47,7 +47,9 @@ class SFTConfig(Config):
     tokenizer_vocab_size: int = 1000  # toy tokenizer size
     tokenizer_texts: list = field(default_factory=list)  # more record files whose texts join the toy tokenizer's corpus
     curriculum: bool = True  # easy (short answers) first, then hard (long); False: one shuffled mixed stage
-    curriculum_threshold: float = 20  # answers with more words are hard (when a record has no `difficulty`)
+    curriculum_threshold: float = 20  # answers with more words are hard (a record with no `difficulty` from a file not in file_stages)
+    # a file's curriculum stage (key: file name or stem): its records get it unless they carry their own `difficulty`
+    file_stages: dict = field(default_factory=lambda: {"SFT_short": "easy", "SFT_long": "hard"})
     curriculum_replay: float = 0.0  # fraction of the easy records replayed in the hard stage (0: the paper's split)
     difficulty_key: str | None = "difficulty"
     epochs_per_stage: int = 1
@@ -85,6 +87,8 @@ class SFTConfig(Config):
             raise ValueError(f"SFTConfig.max_steps must be >= 1 or None, got {self.max_steps}")
         if not 0 <= self.warmup_ratio < 1: raise ValueError(f"SFTConfig.warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
         if self.schedule not in SCHEDULES: raise ValueError(f"SFTConfig.schedule must be one of {SCHEDULES}, got {self.schedule!r}")
+        bad = {k: v for k, v in (self.file_stages or {}).items() if v not in EASY + HARD}
+        if bad: raise ValueError(f"SFTConfig.file_stages: stages must be one of {EASY + HARD}, got {bad}")
         if self.lr <= 0: raise ValueError(f"SFTConfig.lr must be > 0, got {self.lr}")
         if self.mixed_precision not in ("auto", "no", "bf16", "fp16", "fp8"):
             raise ValueError(f"SFTConfig.mixed_precision must be 'auto', 'no', 'bf16', 'fp16' or 'fp8', got {self.mixed_precision!r}")
@@ -95,13 +99,22 @@ def _resolve(path, base) -> Path:
     return p if p.is_absolute() or base is None else Path(base) / p
 
 
+def file_stage(path, file_stages: dict | None) -> str | None:
+    "The curriculum stage `file_stages` gives the file `path` (looked up by name, then by stem), else None."
+    p, fs = Path(path), file_stages or {}
+    return fs.get(p.name, fs.get(p.stem))
+
+
 def load_sft_records(cfg: SFTConfig) -> list[dict]:
-    "All training records of `cfg` (train_files, then extra_records), validated; errors name the file and record."
-    recs = []
+    """All training records of `cfg` (train_files, then extra_records), validated; errors name the file and record.
+    A record without its own `cfg.difficulty_key` is tagged with its file's stage (`cfg.file_stages`), if any."""
+    recs, key = [], cfg.difficulty_key
     for f in [*cfg.train_files, *cfg.extra_records]:
         p = _resolve(f, cfg.data_dir)
         if not p.exists(): raise FileNotFoundError(f"SFT records not found: {p}")
-        recs += load_records(p, "sft")
+        rs, stage = load_records(p, "sft"), file_stage(p, cfg.file_stages)
+        if key and stage is not None: rs = [r if r.get(key) is not None else {**r, key: stage} for r in rs]
+        recs += rs
     if not recs: raise ValueError(f"no SFT records in {cfg.train_files + cfg.extra_records}")
     return recs
 
