@@ -140,3 +140,21 @@ def test_paper_config_pads_and_toy_keeps_its_cache_key():
     assert toy.aspect == "crop" and toy.fingerprint() == "ddd39ebe4caaf019"  # toy.yaml's encoder = toy_encoder_config()
     tower = build_vision_tower(EncoderConfig.from_dict({**toy.to_dict(), "aspect": "pad"}))
     assert tower.transform.transforms[0].__class__.__name__ == "ResizeKeepRatio"  # open_clip's 'longest' resize, then pad
+
+
+def test_large_frames_are_decoded_small(tmp_path, tower, monkeypatch):
+    "A video far larger than the tower's input is decoded at most 2x the input size, not at full size."
+    import numpy as np
+    import vlm_rlaif.encoder as E
+    from vlm_rlaif.frames import write_video
+    rng = np.random.default_rng(0)
+    big = write_video(rng.integers(0, 255, (8, 480, 640, 3), dtype=np.uint8), tmp_path / "big.mp4")
+    seen = []
+    def spy(*a, **kw):
+        fr = load_frames(*a, **kw); seen.append(fr.shape); return fr
+    monkeypatch.setattr(E, "load_frames", spy)
+    cache = FeatureCache(tmp_path / "feats", tower.cfg, tower=tower)
+    cache.precompute([big], progress=False)
+    side = 2 * min(tower.image_size)
+    assert seen and min(seen[0][1:3]) == side and max(seen[0][1:3]) < 640, seen
+    assert cache(big).shape[0] == tower.cfg.n_frames

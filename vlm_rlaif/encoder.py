@@ -281,7 +281,7 @@ def _atomic_save(tensors: dict, path: Path, metadata: dict):
 class FeatureCache:
     "Frozen-tower features `[T, P, C]` of videos, computed once (batched) and kept as safetensors under `root/<fingerprint>/`."
     def __init__(self, root, encoder_cfg: EncoderConfig, tower: VisionTower | None = None, device=None,
-                 dtype: str = "float16", batch_frames: int = 256, backend: str = "decord", num_workers: int = 2,
+                 dtype: str = "float16", batch_frames: int = 256, backend: str = "pyav", num_workers: int = 2,
                  compute_dtype: str = "float32"):
         for name, d in (("dtype", dtype), ("compute_dtype", compute_dtype)):
             if d not in FEATURE_DTYPES: raise ValueError(f"FeatureCache {name} must be one of {list(FEATURE_DTYPES)}, got {d!r}")
@@ -338,7 +338,9 @@ class FeatureCache:
         tower = self.tower
 
         def load(v):
-            try: return v, tower.preprocess(load_frames(v, k=self.cfg.n_frames, backend=self.backend)), None
+            try:  # decoded at most 2x the tower's input (a 4000x3000 video never needs GBs), then preprocessed
+                fr = load_frames(v, k=self.cfg.n_frames, backend=self.backend, size=2 * min(tower.image_size))
+                return v, tower.preprocess(fr), None
             except (VideoError, ValueError) as e: return v, None, e
 
         def flush(batch):  # one tower pass over the frames of several videos, then one file per video
