@@ -117,7 +117,7 @@ def runs(tmp_path_factory):
         reward=dict(common, train_file=str(root / "pairs_train.json"), val_file=str(root / "pairs_val.json"),
                     lora=None, lr=1e-3, batch_size=2, max_steps=2, save_every=1),
         ppo=dict(common, prompts=str(data / "train_sft.json"), lora=dict(r=4, alpha=8, dropout=0.0), num_steps=2,
-                 rollout_batch_size=4, generation_batch_size=2, minibatch_size=1, max_new_tokens=6, max_prompt_length=512,
+                 rollout_batch_size=8, generation_batch_size=2, minibatch_size=2, max_new_tokens=6, max_prompt_length=512,
                  length_coef=0.0, no_eos_penalty=None, lr=1e-3, value_lr=1e-2, save_every=1),
         dpo=dict(common, train_file=str(root / "pairs_train.json"), val_file=str(root / "pairs_val.json"),
                  lora=dict(r=4, alpha=8, dropout=0.0), batch_size=2, lr=1e-3, max_steps=2, save_every=1),
