@@ -80,14 +80,20 @@ def seek_each_count(path, k=K):
     return sum(i - max(kk for kk in keys if kk <= i) + 1 for i in sample_indices(info.n_coded, k))
 
 
-def make_container_videos(d: Path) -> dict[str, Path]:
-    "The same 160x120, 250-frame clip (keyframe every 25 frames) in each codec/container pair the library verifies."
-    H, W, n = 120, 160, 250
+def stripe_clip(n: int, H: int = 120, W: int = 160) -> np.ndarray:
+    "n frames of a moving colour gradient with a sliding bar: every frame differs, so a wrong frame is visible."
     yy, xx = np.mgrid[:H, :W]
     frames = np.empty((n, H, W, 3), np.uint8)
     for i in range(n):
         frames[i] = ((xx + yy + 3 * i) % 256)[..., None] // np.array([1, 2, 3])
         x = (i * 2) % (W - 30); frames[i, 45:75, x:x + 30] = (255, (i * 7) % 256, 0)
+    return frames
+
+
+def make_container_videos(d: Path) -> dict[str, Path]:
+    "The same 160x120, 250-frame clip (keyframe every 25 frames) in each codec/container pair the library verifies."
+    H, W, n = 120, 160, 250
+    frames = stripe_clip(n, H, W)
     gaps = [i + i // 3 for i in range(n)]
     spec = {"avi mpeg4 B-frames": ("a.avi", "mpeg4", {"bf": 2, "b": "2M", "g": 25}, None),
             "avi h264": ("h.avi", "libx264", {"g": 25, "preset": "veryfast"}, None),
@@ -136,11 +142,7 @@ def make_videos(d: Path) -> dict[str, Path]:
         x = (i * 5) % (W - 80); frames[i, 200:280, x:x + 80] = (255, (i * 7) % 256, 0)
     v["noisy 640x480 x300"] = write_video(frames, d / "noisy.mp4", fps=30, options={"preset": "veryfast"})
     H, W, n = 120, 160, 2400
-    yy, xx = np.mgrid[:H, :W]
-    frames = np.empty((n, H, W, 3), np.uint8)
-    for i in range(n):
-        frames[i] = ((xx + yy + 3 * i) % 256)[..., None] // np.array([1, 2, 3])
-        x = (i * 2) % (W - 30); frames[i, 45:75, x:x + 30] = (255, (i * 7) % 256, 0)
+    frames = stripe_clip(n, H, W)
     v["long 160x120 x2400 g25"] = write_video(frames, d / "long.mp4", fps=25, options={"preset": "veryfast", "g": "25"})
     return v
 

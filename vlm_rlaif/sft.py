@@ -200,9 +200,8 @@ def text_warmup(model, records: Sequence[dict], steps: int, batch_size: int, lr:
     for step in tqdm(range(steps), disable=not progress, desc="text warm-up"):
         batch = [ids[int(i)] for i in rng.integers(len(ids), size=batch_size)]
         x = torch.full((len(batch), max(map(len, batch))), pad, dtype=torch.long)
-        for i, b in enumerate(batch): x[i, :len(b)] = torch.tensor(b)
         mask = torch.zeros_like(x)
-        for i, b in enumerate(batch): mask[i, :len(b)] = 1
+        for i, b in enumerate(batch): x[i, :len(b)], mask[i, :len(b)] = torch.tensor(b), 1
         x, mask = x.to(dev), mask.to(dev)
         loss = lm(input_ids=x, attention_mask=mask, labels=x.masked_fill(mask == 0, -100)).loss
         check_finite(loss, step + 1)
