@@ -94,7 +94,8 @@ SCRIPT = textwrap.dedent('''
                       same_tokens=(t8 == g8 == t8b), seconds=seconds)
     if state.is_main_process:
         (out / "report.json").write_text(json.dumps(report))
-    acc.end_training()
+    # no end_training: the engine must be gone before the process group is (make_accelerator's exit hook does both)
+    engine = plain = m = None
 ''')
 
 

@@ -25,7 +25,7 @@ SCRIPT = textwrap.dedent('''
         json.dump(dict(rank=rank, process_index=acc.process_index, num_processes=acc.num_processes,
                        local_rank=acc.local_process_index, node_rank=os.environ.get("GROUP_RANK"),
                        backend=str(acc.state.backend), steps=steps), f)
-    acc.end_training()
+    # no end_training here: make_accelerator ends the process group at exit, after the stage's DDP wrapper is gone
 ''')
 
 
