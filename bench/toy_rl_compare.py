@@ -94,7 +94,8 @@ def child(job_path):
     rows = [r for r in read_metrics(out / "train" / "metrics.jsonl") if "objective/kl" in r]
     last = rows[-max(1, len(rows) // 5):]  # the last fifth of the steps
     mean = lambda k: float(np.mean([r[k] for r in last if r.get(k) is not None])) if any(r.get(k) is not None for r in last) else None
-    res.update(rm_score_last=mean("objective/scores"), kl_last=mean("objective/kl_k3"),  # k3: one estimator for all gold_rollouts_last=mean("objective/monitor"),
+    res.update(rm_score_last=mean("objective/scores"), kl_last=mean("objective/kl_k3"),  # k3 for all methods
+               gold_rollouts_last=mean("objective/monitor"),
                response_tokens=rows[-1].get("compute/response_tokens") if rows else None,
                resumed_steps=len(rows) != a.steps)
     t1 = time.time()
