@@ -209,7 +209,12 @@ SCRIPT = textwrap.dedent('''
     from vlm_rlaif.model import LoraSettings
     from vlm_rlaif.ppo import load_policy
     from vlm_rlaif.grpo import GRPOConfig, train_grpo
+    class SGDInAdamWsPlace(torch.optim.SGD):  # as tests/test_deepspeed.py: runs agree to float noise under SGD
+        def __init__(self, params, lr=1e-3, weight_decay=0.0, **kw):
+            super().__init__(params, lr=lr, momentum=0.9, weight_decay=weight_decay)
+    torch.optim.AdamW = SGDInAdamWsPlace
     cfg, out = GRPOConfig.from_dict(json.loads(open(sys.argv[1]).read())), sys.argv[2]
+    torch.manual_seed(0)  # the same LoRA init in every run (DDP and DeepSpeed runs are compared)
     pol = load_policy(cfg.sft_model_dir, LoraSettings(r=4, alpha=8, dropout=0.0, train_projector=False))
     groups = []
     def monitor(recs, texts):
@@ -223,11 +228,28 @@ SCRIPT = textwrap.dedent('''
 ''')
 
 
-def test_two_process_cpu_grpo(world, tmp_path):
+@pytest.fixture(scope="module")
+def dist_runs(world, tmp_path_factory):
+    "The same GRPO run in 2 CPU processes (gloo): plain DDP, DeepSpeed ZeRO-2 and ZeRO-3 (the shipped configs)."
+    from pathlib import Path
+    root = tmp_path_factory.mktemp("grpo_dist")
     cfg = grpo_cfg(world, num_steps=2, rollout_batch_size=8, group_size=2, generation_batch_size=4, minibatch_size=4,
-                   max_new_tokens=6).to_dict()
-    out = tmp_path / "run"
-    launch_two_processes(SCRIPT, cfg, out, tmp_path)
+                   max_new_tokens=6, lr=0.1).to_dict()
+    repo, out = Path(__file__).resolve().parents[1], {}
+    for name in ("ddp", "zero2", "zero3"):
+        work = root / name; work.mkdir()
+        ds = None
+        if name != "ddp":  # allowing the client optimizer SGD (DeepSpeed refuses it otherwise)
+            ds = work / "ds.json"
+            ds.write_text(json.dumps({**json.loads((repo / f"configs/deepspeed/{name}.json").read_text()),
+                                      "zero_allow_untested_optimizer": True}))
+        launch_two_processes(SCRIPT, {**cfg, "deepspeed_config": ds and str(ds)}, work / "out", work, timeout=400)
+        out[name] = work / "out"
+    return out
+
+
+def test_two_process_cpu_grpo(dist_runs):
+    out = dist_runs["ddp"]
     ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert [r["num_processes"] for r in ranks] == [2, 2]
     assert ranks[0]["lora"] == ranks[1]["lora"]  # gradients were averaged: the adapters are identical
@@ -242,3 +264,18 @@ def test_two_process_cpu_grpo(world, tmp_path):
     assert [r["policy/num_updates"] for r in rows] == [2, 2]  # 4 answers per process / 2 per minibatch share
     assert (out / "policy" / "vlm_config.json").exists() and (out / "done.json").exists()
     assert sorted(x.name for x in (out / "checkpoints").iterdir()) == ["step_000001", "step_000002"]
+
+
+@pytest.mark.parametrize("name", ["zero2", "zero3"])
+def test_deepspeed_trains_like_ddp(dist_runs, name):
+    "Under DeepSpeed ZeRO-2/3 the policy saved (whole tensors) matches plain DDP's to float noise."
+    from safetensors.torch import load_file
+    w = lambda d: {k: v for f in sorted((d / "policy").rglob("*.safetensors")) for k, v in load_file(f).items()}
+    ref, got = w(dist_runs["ddp"]), w(dist_runs[name])
+    assert ref and got.keys() == ref.keys()
+    moved = max(v.abs().max().item() for k, v in ref.items() if "lora_B" in k)
+    diff = max((got[k].float() - v.float()).abs().max().item() for k, v in ref.items())
+    assert moved > 0 and diff < 1e-5 and diff < 0.01 * moved, (diff, moved)
+    assert (dist_runs[name] / "done.json").exists()
+    ck = sorted((dist_runs[name] / "checkpoints").iterdir())[-1]
+    assert (ck / "pytorch_model").is_dir()  # a DeepSpeed checkpoint: DeepSpeed really ran
