@@ -15,16 +15,17 @@ import yaml
 from .config import Config
 
 # %% auto #0
-__all__ = ['STAGES', 'SHARED_STAGES', 'RECORD_STAGES', 'IGNORED_CHANGES', 'JUDGE_RECORD_KEYS', 'FEEDBACK_JUDGES', 'SYSTEMS',
-           'STAGE_CONFIGS', 'REPORT_SECTIONS', 'STAGE_FNS', 'PipelineConfig', 'yaml_load', 'apply_overrides',
-           'load_config', 'Run', 'stage_toyworld', 'stage_tower', 'dataset_videos', 'stage_features', 'check_data',
-           'run_stage', 'config_changes', 'check_run_config', 'run_pipeline', 'sft_config', 'write_judge_records',
-           'stage_sft', 'feedback_config', 'stage_feedback', 'preference_inputs', 'reward_config', 'stage_reward',
-           'ppo_config', 'toy_gold_monitor', 'stage_ppo', 'dpo_config', 'stage_dpo', 'eval_config', 'stage_eval',
-           'build_report', 'stage_report', 'plot_overoptimisation', 'paired_differences', 'check_config']
+__all__ = ['STAGES', 'SHARED_STAGES', 'RECORD_STAGES', 'IGNORED_CHANGES', 'ADDED_SECTIONS', 'JUDGE_RECORD_KEYS',
+           'FEEDBACK_JUDGES', 'SYSTEMS', 'STAGE_CONFIGS', 'REPORT_SECTIONS', 'STAGE_FNS', 'PipelineConfig', 'yaml_load',
+           'apply_overrides', 'load_config', 'Run', 'stage_toyworld', 'stage_tower', 'dataset_videos', 'stage_features',
+           'check_data', 'run_stage', 'config_changes', 'check_run_config', 'run_pipeline', 'sft_config',
+           'write_judge_records', 'stage_sft', 'feedback_config', 'stage_feedback', 'preference_inputs',
+           'reward_config', 'stage_reward', 'ppo_config', 'toy_gold_monitor', 'stage_ppo', 'dpo_config', 'stage_dpo',
+           'grpo_config', 'stage_grpo', 'eval_config', 'stage_eval', 'build_report', 'stage_report',
+           'plot_overoptimisation', 'paired_differences', 'check_config']
 
 # %% ../nbs/10_pipeline.ipynb #705fe082
-STAGES = ("toyworld", "tower", "features", "sft", "feedback", "reward", "ppo", "dpo", "eval", "report")
+STAGES = ("toyworld", "tower", "features", "sft", "feedback", "reward", "ppo", "dpo", "grpo", "eval", "report")
 
 
 @dataclass
@@ -41,6 +42,7 @@ class PipelineConfig(Config):
     reward: dict = field(default_factory=dict)
     ppo: dict = field(default_factory=dict)
     dpo: dict | None = field(default_factory=dict)  # None: no DPO baseline
+    grpo: dict | None = None  # GRPOConfig overrides (08c_grpo: critic-free GRPO / RLOO); None: no such stage
     eval: dict = field(default_factory=dict)
     stages: list = field(default_factory=lambda: list(STAGES))  # which stages `run_pipeline` runs, in this order
 
@@ -199,10 +201,10 @@ def stage_features(run: Run, progress: bool = True) -> dict:
     return dict(videos=len(videos), **counts)
 
 # %% ../nbs/10_pipeline.ipynb #b15c644a
-SHARED_STAGES = ("features", "sft", "feedback", "reward", "ppo", "dpo", "eval")  # run by every process of an `accelerate launch`
+SHARED_STAGES = ("features", "sft", "feedback", "reward", "ppo", "dpo", "grpo", "eval")  # run by every process of an `accelerate launch`
 
 
-RECORD_STAGES = ("sft", "feedback", "reward", "ppo", "dpo", "eval")  # read the instruction files: checked first
+RECORD_STAGES = ("sft", "feedback", "reward", "ppo", "dpo", "grpo", "eval")  # read the instruction files: checked first
 
 
 def check_data(run: Run) -> int:
@@ -253,6 +255,7 @@ def config_changes(old: dict, new: dict, prefix: str = "") -> dict:
 
 
 IGNORED_CHANGES = ("stages",)  # which stages to run does not change what the run holds
+ADDED_SECTIONS = ("grpo",)  # sections newer than some run directories: absent there means "not set"
 
 
 def check_run_config(cfg: PipelineConfig, out_dir) -> bool:
@@ -264,7 +267,8 @@ def check_run_config(cfg: PipelineConfig, out_dir) -> bool:
     if not path.exists(): return True
     try: old = yaml_load(path.read_text()) or {}
     except yaml.YAMLError as e: raise ValueError(f"{path}: not valid YAML ({e})") from None
-    changed = {k: v for k, v in config_changes(old, new).items() if k.split(".")[0] not in IGNORED_CHANGES}
+    changed = {k: v for k, v in config_changes(old, new).items() if k.split(".")[0] not in IGNORED_CHANGES
+               and not (k in ADDED_SECTIONS and v[0] == "<absent>")}  # a stage the old run could not have run
     if changed:
         lines = "\n".join(f"  {k}: {a!r} -> {b!r}" for k, a, b in ((k, *v) for k, v in changed.items()))
         raise ValueError(f"{path}: this run directory holds a run of another config; changed keys (held -> given):\n{lines}\n"
@@ -481,13 +485,32 @@ def stage_dpo(run: Run, progress: bool = True) -> dict:
     return {}
 
 
+def grpo_config(run: Run):
+    "GRPOConfig of the run: the `grpo` section + the same SFT model, RM, prompts and features as PPO."
+    from vlm_rlaif.grpo import GRPOConfig
+    return GRPOConfig.from_dict(_section(run, "grpo", sft_model_dir=str(run.dir("sft") / "model"),
+                                         reward_model_dir=str(run.dir("reward") / "model"),
+                                         prompts=str(run.data_dir / "train_sft.json"), features_dir=str(run.features_dir),
+                                         data_root=str(run.data_dir), encoder=run.encoder_dict()))
+
+
+def stage_grpo(run: Run, progress: bool = True) -> dict:
+    "Critic-free GRPO / RLOO against the same reward model (08c_grpo); toy world: the exact quality is logged as for PPO."
+    from dataclasses import replace
+    from vlm_rlaif.grpo import train_grpo
+    if run.cfg.grpo is None: return dict(skipped="no grpo section")
+    monitor = toy_gold_monitor(run.data_dir) if run.cfg.toyworld is not None else None
+    train_grpo(replace(grpo_config(run), progress=progress), run.dir("grpo"), monitor_fn=monitor)
+    return {}
+
+
 def eval_config(run: Run, model_dir=None):
     from vlm_rlaif.evaluate import EvalConfig
     return EvalConfig.from_dict(_section(run, "eval", data_dir=str(run.data_dir), features_dir=str(run.features_dir),
                                          encoder=run.encoder_dict(), model_dir=model_dir))
 
 
-SYSTEMS = dict(sft="sft/model", ppo="ppo/policy", dpo="dpo/policy")  # evaluated systems -> model dir in the run
+SYSTEMS = dict(sft="sft/model", ppo="ppo/policy", dpo="dpo/policy", grpo="grpo/policy")  # evaluated systems -> model dir in the run
 
 
 def stage_eval(run: Run, progress: bool = True) -> dict:
@@ -686,7 +709,7 @@ def _section_eval(run: Run, figdir: Path) -> str:
     fig.savefig(figdir / "scores.png", dpi=90)
     import matplotlib.pyplot as plt; plt.close(fig)
     out = f"Held-out split, judge: `{run.cfg.eval.get('judge', 'auto')}` (the toy world: its exact scorer, 0-5 per criterion).\n\n{table}"
-    others = [n for n in ("ppo", "dpo") if n in systems and "sft" in systems]
+    others = [n for n in ("ppo", "dpo", "grpo") if n in systems and "sft" in systems]
     if others:
         diffs = {n: paired_differences(run.dir("eval") / "sft", run.dir("eval") / n) for n in others}
         crits = [c for c in ("correctness", "detail", "context", "temporal", "consistency", "qa") if c in diffs[others[0]]]
@@ -699,7 +722,7 @@ def _section_eval(run: Run, figdir: Path) -> str:
 
 
 STAGE_CONFIGS = dict(sft=sft_config, feedback=feedback_config, reward=reward_config, ppo=ppo_config, dpo=dpo_config,
-                     eval=eval_config)
+                     grpo=grpo_config, eval=eval_config)
 
 
 def check_config(cfg: PipelineConfig, out_dir="/tmp/vlm-rlaif-check") -> dict:
@@ -719,7 +742,7 @@ def check_config(cfg: PipelineConfig, out_dir="/tmp/vlm-rlaif-check") -> dict:
         build("tower_pretrain", lambda: TowerPretrainConfig(**check_fields(TowerPretrainConfig, cfg.tower_pretrain)))
     build("encoder", run.encoder_config)
     for s in STAGE_CONFIGS:  # every section, also of stages this config does not run (a typo is a typo)
-        if not (s == "dpo" and cfg.dpo is None): out[s] = build(s, lambda: STAGE_CONFIGS[s](run))
+        if not (s in ("dpo", "grpo") and getattr(cfg, s) is None): out[s] = build(s, lambda: STAGE_CONFIGS[s](run))
     if "sft" in out and out["sft"].model is not None: build("model", lambda: ModelConfig.from_dict(dict(out["sft"].model)))
     return out
 
@@ -728,5 +751,5 @@ REPORT_SECTIONS = [("Data", _section_data), ("SFT", _section_sft), ("AI feedback
                    ("Reward model", _section_reward), ("PPO", _section_ppo), ("Evaluation", _section_eval),
                    ("Wall time per stage", lambda run, figdir: _timings_table(run))]
 STAGE_FNS = dict(toyworld=stage_toyworld, tower=stage_tower, features=stage_features, sft=stage_sft,
-                 feedback=stage_feedback, reward=stage_reward, ppo=stage_ppo, dpo=stage_dpo, eval=stage_eval,
+                 feedback=stage_feedback, reward=stage_reward, ppo=stage_ppo, dpo=stage_dpo, grpo=stage_grpo, eval=stage_eval,
                  report=stage_report)

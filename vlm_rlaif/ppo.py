@@ -363,9 +363,10 @@ def _pad_cols(x: torch.Tensor, n: int, value) -> torch.Tensor:
 def make_rollouts(policy: VideoLMM, reward_model, value_head: nn.Module, batch: dict, suffix_ids: list[list[int]],
                   cfg: PPOConfig, progress: bool = False, autocast: Callable = contextlib.nullcontext) -> dict:
     """Sample, cut and evaluate responses for a left-padded prompt `batch` (input_ids, attention_mask, video_feats):
-    returns prompts, responses, `mask`, lengths, has_eos, logp, ref_logp, entropy, scores, hidden, values.
-    `autocast()`: the context the PPO update's forward runs in (`accelerator.autocast`), for the policy, reference
-    and value passes, so that the old log-probs and values come from the same computation as the update's."""
+    returns prompts, responses, `mask`, lengths, has_eos, logp, ref_logp, entropy, scores, hidden, values
+    (`value_head=None`, for critic-free methods such as 08c_grpo: no hidden states, no values). `autocast()`:
+    the context the PPO update's forward runs in (`accelerator.autocast`), for the policy, reference and value
+    passes, so that the old log-probs and values come from the same computation as the update's."""
     tok, dev, G = policy.tokenizer, policy.device, cfg.generation_batch_size
     P, PM, VF = (batch[k].to(dev) for k in ("input_ids", "attention_mask", "video_feats"))
     was = policy.training; policy.eval()
@@ -376,7 +377,8 @@ def make_rollouts(policy: VideoLMM, reward_model, value_head: nn.Module, batch: 
     width = cfg.max_new_tokens if cfg.score_placement == "last_slot" else max(c.shape[1] for c in chunks)
     resp = torch.cat([_pad_cols(c, width, tok.pad_token_id) for c in chunks])
     out = dict(prompt_ids=P, prompt_mask=PM, video_feats=VF, **truncate_at_eos(resp, tok.eos_token_id, tok.pad_token_id))
-    parts = {k: [] for k in ("logp", "entropy", "ref_logp", "scores", "hidden")}
+    critic = value_head is not None
+    parts = {k: [] for k in ("logp", "entropy", "ref_logp", "scores", "hidden")[:5 if critic else 4]}
     for s in range(0, len(P), G):
         sl = slice(s, s + G)
         args = (P[sl], PM[sl], VF[sl], out["responses"][sl], out["mask"][sl])
@@ -385,10 +387,11 @@ def make_rollouts(policy: VideoLMM, reward_model, value_head: nn.Module, batch: 
             with policy.lm.disable_adapter():
                 ref = response_logprobs(policy, *args, temperature=cfg.temperature)
         sc = score_responses(reward_model, P[sl], PM[sl], VF[sl], out["responses"][sl], out["lengths"][sl],
-                             suffix_ids[sl], tok.pad_token_id)
-        for k, v in zip(parts, (lp, ent, ref, sc["scores"], sc["hidden"])): parts[k].append(v)
+                             suffix_ids[sl], tok.pad_token_id, with_hidden=critic)
+        for k, v in zip(parts, (lp, ent, ref, sc["scores"], sc.get("hidden"))): parts[k].append(v)
     out.update({k: torch.cat(v) for k, v in parts.items()})
-    with autocast(): out["values"] = value_head(out["hidden"]).float()
+    if critic:
+        with autocast(): out["values"] = value_head(out["hidden"]).float()
     policy.train(was)
     return out
 
@@ -413,14 +416,17 @@ def compute_advantages(roll: dict, cfg: PPOConfig, kl_coef: float, accelerator=N
 
 # %% ../nbs/08_ppo.ipynb #28b424b3
 def _trim(ix: torch.Tensor, roll: dict, adv: dict) -> dict:
-    "The minibatch `ix`, without the prompt padding columns and the response columns none of its rows uses."
+    """The minibatch `ix`, without the prompt padding columns and the response columns none of its rows uses (the
+    per-token tensors that `roll`/`adv` hold: 08c_grpo has no `hidden`, `values` or `returns`)."""
     pm, tm = roll["prompt_mask"][ix], adv["train_mask"][ix]
     p0 = int(pm.any(0).long().argmax()) if pm.any() else 0
     R = int(tm.any(0).nonzero().max()) + 1 if tm.any() else 1
     mb = dict(prompt_ids=roll["prompt_ids"][ix, p0:], prompt_mask=pm[:, p0:], video_feats=roll["video_feats"][ix],
-              responses=roll["responses"][ix, :R], mask=roll["mask"][ix, :R], hidden=roll["hidden"][ix, :R])
-    for k in ("logp",): mb[k] = roll[k][ix, :R]
-    for k in ("train_mask", "values", "advantages", "returns"): mb[k] = adv[k][ix, :R]
+              responses=roll["responses"][ix, :R], mask=roll["mask"][ix, :R])
+    for k in ("hidden", "logp", "ref_logp"):
+        if k in roll: mb[k] = roll[k][ix, :R]
+    for k in ("train_mask", "values", "advantages", "returns"):
+        if k in adv: mb[k] = adv[k][ix, :R]
     return mb
 
 
