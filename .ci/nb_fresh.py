@@ -61,10 +61,10 @@ def _text(x) -> str:
 
 
 def outputs_hash(nb: dict) -> str:
-    "Hash of every code cell's outputs (types, texts, data), in cell order."
+    "Hash of the executed code cells' outputs (types, texts, data), in cell order."
     outs = []
     for c in _clean(nb)["cells"]:
-        if c.get("cell_type") != "code": continue
+        if skipped(c): continue
         outs.append([dict(t=o.get("output_type"), name=o.get("name"), text=_text(o.get("text", "")),
                           data={k: _text(v).rstrip() for k, v in (o.get("data") or {}).items()},
                           ename=o.get("ename")) for o in c.get("outputs", [])])

@@ -80,7 +80,8 @@ def test_detects_code_changed_after_execution(tmp_path):
 def test_detects_outputs_cleared_or_edited(tmp_path):
     p = _executed(tmp_path)
     nb = _nb(p)
-    for c in nb["cells"]: c["outputs"] = [] if c["cell_type"] == "code" else c.get("outputs")
+    for c in nb["cells"]:
+        if c["cell_type"] == "code": c["outputs"] = []
     p.write_text(json.dumps(nb))
     assert any("outputs differ" in m for m in nb_fresh.problems(p))
     nb = _nb(ROOT / "nbs" / p.name)
