@@ -81,6 +81,10 @@ def execute(path) -> float:
     os.chdir(path.parent)
     try:
         CaptureShell(path=path.parent).run_all(nb, exc_stop=True, preproc=nb_fresh.skipped)
+    except Exception:
+        bad = [i for i, c in enumerate(nb.cells) if any(o.get("output_type") == "error" for o in c.get("outputs", []))]
+        if bad: print(f"{path.name}: cell {bad[0]} failed (not written):\n{nb.cells[bad[0]].source[:300]}", file=sys.stderr)
+        raise
     finally:
         os.chdir(cwd)
     nb = nb2dict(nb)
