@@ -1,6 +1,7 @@
 # Two commands do all set-up on a fresh machine with only Python:
 #   make demo   - create .venv if missing, then run the whole pipeline on the toy world (CPU)
 #   make test   - create .venv if missing, then check notebooks/library sync and run all tests
+#   make nbs    - re-execute the notebooks (NB=05_sft.ipynb for one) and record their hashes (tests/test_nb_fresh.py)
 #   make docs   - a static HTML site of the executed notebooks and an API page per module, in _docs/
 SHELL := /bin/bash
 PYTHON ?= python3
@@ -10,7 +11,7 @@ STAMP := $(VENV)/.installed
 OUT ?= runs/demo
 CONFIG ?= configs/toy.yaml
 
-.PHONY: demo test install lint-nbs nbtest pytest readme docs clean
+.PHONY: demo test install lint-nbs nbtest pytest readme docs nbs clean
 
 install: $(STAMP)
 
@@ -31,6 +32,10 @@ readme: $(STAMP)
 
 docs: $(STAMP)
 	$(BIN)/python .ci/make_docs.py
+
+NB ?= $(notdir $(wildcard nbs/*.ipynb))
+nbs: $(STAMP)
+	cd nbs && HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONPATH=$(CURDIR) $(abspath $(BIN))/python ../.ci/execute_nb.py $(NB)
 
 clean:
 	rm -rf runs _proc _docs

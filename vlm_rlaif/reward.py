@@ -28,10 +28,10 @@ from .encoder import EncoderConfig, FeatureCache
 from .model import LoraSettings, VideoLMM, _is_peft, _replace_dir, add_lora
 
 # %% auto #0
-__all__ = ['REWARD_PROMPT', 'SEED_REWARD_PROMPT', 'CONTEXT_CLAUSE', 'PAPER_RM_LORA', 'CORRUPTIONS', 'RM_SCHEDULES', 'rm_prompt',
-           'last_token_index', 'RewardModel', 'bt_loss', 'corrupt_answer', 'clip_context', 'toy_preference_records',
-           'noisy_labels', 'RewardConfig', 'pair_rewards', 'evaluate_rm', 'accuracy_against', 'rm_scheduler',
-           'train_reward']
+__all__ = ['REWARD_PROMPT', 'SEED_REWARD_PROMPT', 'CONTEXT_CLAUSE', 'PAPER_RM_LORA', 'CORRUPTIONS', 'RM_SCHEDULES',
+           'TOY_REWARD_PROMPT', 'rm_prompt', 'last_token_index', 'RewardModel', 'bt_loss', 'corrupt_answer',
+           'clip_context', 'toy_preference_records', 'noisy_labels', 'RewardConfig', 'pair_rewards', 'evaluate_rm',
+           'accuracy_against', 'rm_scheduler', 'train_reward', 'toy_rm_experiment']
 
 # %% ../nbs/07_reward.ipynb #7fa8b3ed
 _CRITERIA = (
@@ -516,3 +516,48 @@ def train_reward(cfg: RewardConfig, out_dir) -> Path:
                         "n_train": len(ds), "use_context": cfg.use_context})
     acc.wait_for_everyone()
     return out
+
+# %% ../nbs/07_reward.ipynb #97121f6b
+TOY_REWARD_PROMPT = (" USER: Please evaluate the quality of your last response.{context} ASSISTANT: Following your "
+                     "definitions, the quality score of my last response is")
+
+
+def toy_rm_experiment(root, n_videos=48, n_train=200, n_val=100, steps=25, batch_size=4, lr=1e-3, flip_rate=0.2,
+                      contexts=(False, True), lm_config=None, seed=0):
+    """Train toy RMs on simulated AI labels (`flip_rate` of the truth labels flipped), with and/or without context, on a
+    toy world made under `root`; returns the held-out records and, per setting, `evaluate_rm`'s result with accuracy
+    against the AI labels (`acc_ai`) and the truth (`acc_truth`), the seconds it took and the run directory."""
+    import time
+    from vlm_rlaif.model import TOY_LM_CONFIG, ModelConfig, build_model, train_toy_tokenizer
+    from vlm_rlaif.encoder import toy_encoder_config
+    from vlm_rlaif.data import save_records
+    from vlm_rlaif.toyworld import ToyWorldConfig, corpus_texts, make_dataset
+    root = Path(root)
+    world = make_dataset(ToyWorldConfig(n_videos=n_videos, seed=seed), root / "toy", progress=False)
+    enc = toy_encoder_config()
+    FeatureCache(root / "feats", enc, num_workers=1).precompute(
+        sorted(str(p) for p in (world / "videos").glob("*.mp4")), progress=False)
+    truth_tr = toy_preference_records(world, "train", n_train, seed=seed)
+    truth_va = (toy_preference_records(world, "val", n_val // 2, seed=seed + 1)
+                + toy_preference_records(world, "test", n_val - n_val // 2, seed=seed + 2))
+    tr, va = noisy_labels(truth_tr, flip_rate, seed + 3), noisy_labels(truth_va, flip_rate, seed + 4)
+    save_records(tr, root / "rm_train.json"); save_records(va, root / "rm_val.json")
+    texts = corpus_texts(world) + [r["context"] for r in tr] + [rm_prompt(True, TOY_REWARD_PROMPT)] * 4
+    tok = train_toy_tokenizer(texts, vocab_size=1000)
+    torch.manual_seed(seed)
+    build_model(ModelConfig(lm_config=lm_config or TOY_LM_CONFIG, encoder=enc, lora=None), tok).save_pretrained(root / "sft")
+    results = {}
+    for ctx in contexts:
+        t0 = time.time()
+        cfg = RewardConfig(sft_model_dir=str(root / "sft"), train_file=str(root / "rm_train.json"),
+                           val_file=str(root / "rm_val.json"), data_root=str(world), features_dir=str(root / "feats"),
+                           encoder=enc.to_dict(), lora=None, lr=lr, warmup_ratio=0.05, batch_size=batch_size,
+                           epochs=1000, max_steps=steps, save_every=0, use_context=ctx, reward_prompt=TOY_REWARD_PROMPT,
+                           eval_batch_size=16, progress=False, seed=seed)
+        out = train_reward(cfg, root / f"rm_context{int(ctx)}")
+        ev = json.loads((out / "eval.json").read_text())
+        ev.update(acc_ai=ev["accuracy"], acc_truth=accuracy_against(ev, va, "truth_preference"),
+                  seconds=round(time.time() - t0, 1), out=out)
+        assert ev["truth_accuracy"] == ev["acc_truth"]  # train_reward measures it too (eval.json, done.json)
+        results[ctx] = ev
+    return va, results
