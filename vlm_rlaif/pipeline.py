@@ -16,13 +16,13 @@ from .config import Config
 
 # %% auto #0
 __all__ = ['STAGES', 'SHARED_STAGES', 'RECORD_STAGES', 'IGNORED_CHANGES', 'ADDED_SECTIONS', 'JUDGE_RECORD_KEYS',
-           'FEEDBACK_JUDGES', 'SYSTEMS', 'STAGE_CONFIGS', 'REPORT_SECTIONS', 'STAGE_FNS', 'PipelineConfig', 'yaml_load',
+           'FEEDBACK_JUDGES', 'SYSTEMS', 'REPORT_SECTIONS', 'STAGE_CONFIGS', 'STAGE_FNS', 'PipelineConfig', 'yaml_load',
            'apply_overrides', 'load_config', 'Run', 'stage_toyworld', 'stage_tower', 'dataset_videos', 'stage_features',
            'check_data', 'run_stage', 'config_changes', 'check_run_config', 'run_pipeline', 'sft_config',
            'write_judge_records', 'stage_sft', 'feedback_config', 'stage_feedback', 'preference_inputs',
            'reward_config', 'stage_reward', 'ppo_config', 'toy_gold_monitor', 'stage_ppo', 'dpo_config', 'stage_dpo',
-           'grpo_config', 'stage_grpo', 'eval_config', 'stage_eval', 'build_report', 'stage_report',
-           'plot_overoptimisation', 'paired_differences', 'check_config']
+           'grpo_config', 'stage_grpo', 'eval_config', 'stage_eval', 'plot_overoptimisation', 'paired_differences',
+           'build_report', 'stage_report', 'check_config']
 
 # %% ../nbs/10_pipeline.ipynb #705fe082
 STAGES = ("toyworld", "tower", "features", "sft", "feedback", "reward", "ppo", "dpo", "grpo", "eval", "report")
@@ -323,7 +323,7 @@ def _timings_table(run: Run) -> str:
     total = sum(t[s]["seconds"] for s in t)
     return "\n".join(["| stage | wall time (s) |", "|---|---|", *rows, f"| **total** | **{total:.1f}** |"])
 
-# %% ../nbs/10_pipeline.ipynb #c44ecb8a
+# %% ../nbs/10_pipeline.ipynb #8f84f496
 def _section(run: Run, name: str, **paths) -> dict:
     "The config section `name` completed with the run's paths (explicit values in the YAML win)."
     d = dict(getattr(run.cfg, name) or {})
@@ -386,7 +386,7 @@ def stage_sft(run: Run, progress: bool = True) -> dict:
     m = [r for r in read_metrics(out / "metrics.jsonl") if "loss" in r]
     return dict(steps=m[-1].get("step") if m else None, final_loss=round(m[-1]["loss"], 4) if m else None)
 
-
+# %% ../nbs/10_pipeline.ipynb #5fc12717
 FEEDBACK_JUDGES = ("model", "oracle")
 
 
@@ -445,7 +445,7 @@ def stage_reward(run: Run, progress: bool = True) -> dict:
     ev = _read_json(out / "eval.json", {})
     return dict(val_accuracy=ev.get("accuracy"), n_val=ev.get("n"))
 
-
+# %% ../nbs/10_pipeline.ipynb #9285a4af
 def ppo_config(run: Run):
     from vlm_rlaif.ppo import PPOConfig
     return PPOConfig.from_dict(_section(run, "ppo", sft_model_dir=str(run.dir("sft") / "model"),
@@ -503,7 +503,7 @@ def stage_grpo(run: Run, progress: bool = True) -> dict:
     train_grpo(replace(grpo_config(run), progress=progress), run.dir("grpo"), monitor_fn=monitor)
     return {}
 
-
+# %% ../nbs/10_pipeline.ipynb #95288016
 def eval_config(run: Run, model_dir=None):
     from vlm_rlaif.evaluate import EvalConfig
     return EvalConfig.from_dict(_section(run, "eval", data_dir=str(run.data_dir), features_dir=str(run.features_dir),
@@ -530,36 +530,7 @@ def stage_eval(run: Run, progress: bool = True) -> dict:
         res["chance"] = load_scores(out)
     return {f"{s}_{k}": v.get(k) for s, v in res.items() for k in ("correctness", "qa_accuracy") if k in v}
 
-# %% ../nbs/10_pipeline.ipynb #93bb1548
-def build_report(run: Run) -> Path:
-    "Write `run/report.md` (+ `run/figures/*.png`) from the artifacts in the run directory."
-    figdir = run.root / "figures"; figdir.mkdir(exist_ok=True)
-    parts = [f"# vlm-rlaif run report: {run.cfg.name}", "",
-             f"Run directory `{run.root}`; config in `config.yaml`. Every number below is read from this run's artifacts.", ""]
-    for title, make in REPORT_SECTIONS:
-        body = make(run, figdir)
-        if body: parts += [f"## {title}", "", body, ""]
-    out = run.root / "report.md"
-    out.write_text("\n".join(parts)); return out
-
-
-def _section_data(run: Run, figdir: Path) -> str:
-    meta_path = run.data_dir / "dataset.json"
-    if not meta_path.exists(): return ""
-    meta = json.loads(meta_path.read_text())
-    c = meta.get("counts", {})
-    lines = [f"Toy world: {c.get('train_videos', '?')} train / {c.get('val_videos', '?')} val / {c.get('test_videos', '?')} "
-             f"test videos; {c.get('train_sft', '?')} train instructions; vocabulary {meta.get('vocab_size', '?')} words."]
-    fig = _fig_frames(run, figdir)
-    if fig: lines += ["", f"![frames](figures/{fig})"]
-    return "\n".join(lines)
-
-
-def stage_report(run: Run, progress: bool = True) -> dict:
-    "Rebuild `report.md` and its figures."
-    return dict(report=str(build_report(run)))
-
-
+# %% ../nbs/10_pipeline.ipynb #083b5b2b
 def _plot_curves(path, series: dict, title: str, figdir: Path, name: str) -> str | None:
     "Line plots of metrics.jsonl keys (`{label: key}`) against the step, one panel each."
     import matplotlib; matplotlib.use("Agg")
@@ -576,6 +547,18 @@ def _plot_curves(path, series: dict, title: str, figdir: Path, name: str) -> str
     fig.suptitle(title, fontsize=10); fig.tight_layout()
     fig.savefig(figdir / name, dpi=90); plt.close(fig)
     return name
+
+
+def _section_data(run: Run, figdir: Path) -> str:
+    meta_path = run.data_dir / "dataset.json"
+    if not meta_path.exists(): return ""
+    meta = json.loads(meta_path.read_text())
+    c = meta.get("counts", {})
+    lines = [f"Toy world: {c.get('train_videos', '?')} train / {c.get('val_videos', '?')} val / {c.get('test_videos', '?')} "
+             f"test videos; {c.get('train_sft', '?')} train instructions; vocabulary {meta.get('vocab_size', '?')} words."]
+    fig = _fig_frames(run, figdir)
+    if fig: lines += ["", f"![frames](figures/{fig})"]
+    return "\n".join(lines)
 
 
 def _section_sft(run: Run, figdir: Path) -> str:
@@ -598,7 +581,7 @@ def _section_sft(run: Run, figdir: Path) -> str:
     return (f"{how}: {rows[-1]['step']} optimizer steps, final loss {rows[-1]['loss']:.3f}."
             "\n\n![sft loss](figures/sft_loss.png)")
 
-
+# %% ../nbs/10_pipeline.ipynb #9e7f6ce9
 def _section_feedback(run: Run, figdir: Path) -> str:
     st = _read_json(run.dir("feedback") / "stats.json")
     if not st: return ""
@@ -644,7 +627,7 @@ def _section_reward(run: Run, figdir: Path) -> str:
     if ev.get("truth_accuracy") is not None: out += f" Against the toy-world truth: **{ev['truth_accuracy']:.3f}**."
     return out
 
-
+# %% ../nbs/10_pipeline.ipynb #aac2276e
 def plot_overoptimisation(metrics_path, path=None, smooth: int | None = None):
     """The reward model's score (the proxy) and the exact toy-world quality of the same rollouts (the gold score,
     logged as `objective/monitor`): left, over PPO steps; right, against the KL to the SFT policy (steps sorted by
@@ -685,7 +668,7 @@ def _section_ppo(run: Run, figdir: Path) -> str:
                 "errors (over-optimisation).", "", "![over-optimisation](figures/ppo_overoptimisation.png)"]
     return "\n".join(out)
 
-
+# %% ../nbs/10_pipeline.ipynb #394eea7e
 def paired_differences(base_dir, other_dir) -> dict:
     """Per criterion: mean score difference `other - base` over the items both judged, its standard error and n
     (paired: the same questions, so the spread of question difficulty cancels)."""
@@ -720,7 +703,29 @@ def _section_eval(run: Run, figdir: Path) -> str:
             out += f"\n| {n} | " + " | ".join(cell(diffs[n].get(c)) for c in crits) + " |"
     return out + "\n\n![scores](figures/scores.png)"
 
+# %% ../nbs/10_pipeline.ipynb #1cb7b8f9
+def build_report(run: Run) -> Path:
+    "Write `run/report.md` (+ `run/figures/*.png`) from the artifacts in the run directory."
+    figdir = run.root / "figures"; figdir.mkdir(exist_ok=True)
+    parts = [f"# vlm-rlaif run report: {run.cfg.name}", "",
+             f"Run directory `{run.root}`; config in `config.yaml`. Every number below is read from this run's artifacts.", ""]
+    for title, make in REPORT_SECTIONS:
+        body = make(run, figdir)
+        if body: parts += [f"## {title}", "", body, ""]
+    out = run.root / "report.md"
+    out.write_text("\n".join(parts)); return out
 
+
+def stage_report(run: Run, progress: bool = True) -> dict:
+    "Rebuild `report.md` and its figures."
+    return dict(report=str(build_report(run)))
+
+
+REPORT_SECTIONS = [("Data", _section_data), ("SFT", _section_sft), ("AI feedback", _section_feedback),
+                   ("Reward model", _section_reward), ("PPO", _section_ppo), ("Evaluation", _section_eval),
+                   ("Wall time per stage", lambda run, figdir: _timings_table(run))]
+
+# %% ../nbs/10_pipeline.ipynb #559d0372
 STAGE_CONFIGS = dict(sft=sft_config, feedback=feedback_config, reward=reward_config, ppo=ppo_config, dpo=dpo_config,
                      grpo=grpo_config, eval=eval_config)
 
@@ -747,9 +752,6 @@ def check_config(cfg: PipelineConfig, out_dir="/tmp/vlm-rlaif-check") -> dict:
     return out
 
 
-REPORT_SECTIONS = [("Data", _section_data), ("SFT", _section_sft), ("AI feedback", _section_feedback),
-                   ("Reward model", _section_reward), ("PPO", _section_ppo), ("Evaluation", _section_eval),
-                   ("Wall time per stage", lambda run, figdir: _timings_table(run))]
 STAGE_FNS = dict(toyworld=stage_toyworld, tower=stage_tower, features=stage_features, sft=stage_sft,
                  feedback=stage_feedback, reward=stage_reward, ppo=stage_ppo, dpo=stage_dpo, grpo=stage_grpo, eval=stage_eval,
                  report=stage_report)
