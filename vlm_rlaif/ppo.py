@@ -29,7 +29,7 @@ from .model import LoraSettings, VideoLMM, add_lora
 __all__ = ['KL_ESTIMATORS', 'PLACEMENTS', 'PPOConfig', 'truncate_at_eos', 'kl_estimate', 'score_penalties', 'place_scores',
            'shape_rewards', 'masked_mean', 'whiten', 'gae', 'policy_loss', 'value_loss', 'KLController', 'load_policy',
            'trainable_state', 'ValueHead', 'suppressed_ids', 'sampling_logprobs', 'response_logprobs', 'rm_prompt_ids',
-           'reward_inputs', 'score_responses', 'make_rollouts', 'compute_advantages', 'PolicyWithValue', 'batch_sizes',
+           'reward_inputs', 'score_responses', 'make_rollouts', 'compute_advantages', 'batch_sizes', 'PolicyWithValue',
            'ppo_update', 'rm_prompt_settings', 'train_ppo']
 
 # %% ../nbs/08_ppo.ipynb #5dea8ccf
@@ -158,7 +158,7 @@ def shape_rewards(scores: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor, kl
     non_score = -kl_coef * kl * mask
     return dict(rewards=non_score + place_scores(scores, mask, placement), non_score_rewards=non_score)
 
-# %% ../nbs/08_ppo.ipynb #79ad259b
+# %% ../nbs/08_ppo.ipynb #89fbf90d
 def _all_sum(t: torch.Tensor, accelerator=None) -> torch.Tensor:
     "`t` summed over the processes of `accelerator` (itself when there is none or one process)."
     if accelerator is None or accelerator.num_processes == 1: return t
@@ -183,7 +183,7 @@ def whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: fl
     if not shift_mean: out = out + mean
     return out * mask
 
-
+# %% ../nbs/08_ppo.ipynb #a9ed0318
 def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0,
         lam: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
     "Generalised advantage estimation over [B, T] tensors (`mask`: a prefix of ones per row); returns (advantages, returns)."
@@ -200,7 +200,7 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: 
     adv = adv * mask
     return adv, (adv + values) * mask
 
-
+# %% ../nbs/08_ppo.ipynb #58b046cc
 def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
                 cliprange: float = 0.2) -> tuple[torch.Tensor, dict]:
     "PPO clipped surrogate loss (masked mean) and its statistics: approx KL, clip fraction, mean/var/max |r - 1| of the ratio."
@@ -414,7 +414,7 @@ def compute_advantages(roll: dict, cfg: PPOConfig, kl_coef: float, accelerator=N
     return dict(train_mask=tm, kl=kl * tm, penalized_scores=scores, rewards=rewards,
                 non_score_rewards=shaped["non_score_rewards"], values=values, advantages=adv, returns=ret)
 
-# %% ../nbs/08_ppo.ipynb #28b424b3
+# %% ../nbs/08_ppo.ipynb #3aacc96b
 def _trim(ix: torch.Tensor, roll: dict, adv: dict) -> dict:
     """The minibatch `ix`, without the prompt padding columns and the response columns none of its rows uses (the
     per-token tensors that `roll`/`adv` hold: 08c_grpo has no `hidden`, `values` or `returns`)."""
@@ -429,7 +429,17 @@ def _trim(ix: torch.Tensor, roll: dict, adv: dict) -> dict:
         if k in adv: mb[k] = adv[k][ix, :R]
     return mb
 
+# %% ../nbs/08_ppo.ipynb #03332755
+def batch_sizes(cfg: PPOConfig, num_processes: int) -> tuple[int, int]:
+    """(rollouts, minibatch) of each process: `rollout_batch_size` and `minibatch_size` are global (all processes
+    together); each must split evenly over the processes, and the rollouts into whole minibatches."""
+    R, M, n = cfg.rollout_batch_size, cfg.minibatch_size, num_processes
+    if R % n: raise ValueError(f"rollout_batch_size={R} is not divisible by {n} processes")
+    if M % n: raise ValueError(f"minibatch_size={M} is not divisible by {n} processes")
+    if R % M: raise ValueError(f"rollout_batch_size={R} is not a multiple of minibatch_size={M}")
+    return R // n, M // n
 
+# %% ../nbs/08_ppo.ipynb #d48d97c8
 class PolicyWithValue(nn.Module):
     """The PPO trainables as one module, so that one optimizer (and, under DeepSpeed, one engine) holds them: the
     LoRA policy and the value head. `forward(minibatch)` -> (response log-probs, value predictions)."""
@@ -447,16 +457,6 @@ class PolicyWithValue(nn.Module):
         logp = response_logprobs(self.policy, mb["prompt_ids"], mb["prompt_mask"], mb["video_feats"], mb["responses"],
                                  mb["mask"], temperature=temperature)
         return logp, self.value_head(mb["hidden"])
-
-
-def batch_sizes(cfg: PPOConfig, num_processes: int) -> tuple[int, int]:
-    """(rollouts, minibatch) of each process: `rollout_batch_size` and `minibatch_size` are global (all processes
-    together); each must split evenly over the processes, and the rollouts into whole minibatches."""
-    R, M, n = cfg.rollout_batch_size, cfg.minibatch_size, num_processes
-    if R % n: raise ValueError(f"rollout_batch_size={R} is not divisible by {n} processes")
-    if M % n: raise ValueError(f"minibatch_size={M} is not divisible by {n} processes")
-    if R % M: raise ValueError(f"rollout_batch_size={R} is not a multiple of minibatch_size={M}")
-    return R // n, M // n
 
 
 def ppo_update(model, optimizer, scheduler, accelerator, roll: dict, adv: dict, cfg: PPOConfig,
@@ -491,7 +491,7 @@ def ppo_update(model, optimizer, scheduler, accelerator, roll: dict, adv: dict, 
                           "epoch": epoch})
     return stats
 
-# %% ../nbs/08_ppo.ipynb #d78bf928
+# %% ../nbs/08_ppo.ipynb #5ebd30f7
 def _step_indices(step: int, n: int, batch: int, seed: int) -> list[int]:
     "Dataset indices of PPO step `step`: consecutive slices of per-pass seeded permutations (stateless, resumable)."
     out, perms = [], {}
@@ -501,7 +501,7 @@ def _step_indices(step: int, n: int, batch: int, seed: int) -> list[int]:
         out.append(perms[ep][k])
     return out
 
-
+# %% ../nbs/08_ppo.ipynb #565e58c7
 def rm_prompt_settings(cfg: PPOConfig, reward_model_dir=None) -> tuple[str | None, bool, str]:
     """(reward prompt text, use_context, context_key) the RM was trained with: read from the `config.json` that
     `train_reward` writes next to its `model/` directory; overridden by `cfg.rm_prompt` / `cfg.rm_use_context`."""
@@ -517,7 +517,7 @@ def rm_prompt_settings(cfg: PPOConfig, reward_model_dir=None) -> tuple[str | Non
     if prompt == "none": return None, False, "context"
     return rm_prompt(use_ctx, prompt), use_ctx, conf.get("context_key", "context")
 
-
+# %% ../nbs/08_ppo.ipynb #f651d629
 def _reduce_means(acc, d: dict) -> dict:
     keys = list(d)
     v = torch.tensor([float(d[k]) for k in keys], device=acc.device)
