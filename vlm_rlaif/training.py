@@ -26,13 +26,13 @@ from .model import IMAGE_TOKEN, video_question
 # %% auto #0
 __all__ = ['CKPT_PREFIX', 'TRAINER_STATE', 'MANIFEST', 'HASH_LIMIT', 'DEEPSPEED_SAFE_GLOBALS', 'DONE_FILE', 'WAIT_TIMEOUT',
            'resolve_mixed_precision', 'deepspeed_config_dict', 'make_accelerator', 'NonFiniteLossError', 'check_finite',
-           'MetricLogger', 'atomic_write_text', 'read_metrics', 'CheckpointError', 'write_manifest',
+           'atomic_write_text', 'read_metrics', 'MetricLogger', 'CheckpointError', 'write_manifest',
            'verify_checkpoint', 'latest_checkpoint', 'check_pickles', 'save_checkpoint', 'load_checkpoint',
            'stage_done', 'mark_done', 'EpochSampler', 'zero_stage', 'gathered_params', 'generation_model',
            'process_rank', 'process_device', 'wait_for_files', 'merge_shares', 'RunLockedError', 'run_lock',
            'generate_answers']
 
-# %% ../nbs/04b_training.ipynb #f3427d16
+# %% ../nbs/04b_training.ipynb #4a81caf7
 def resolve_mixed_precision(mixed_precision: str = "auto") -> str:
     "'auto' -> 'bf16' on a GPU that supports it, else 'no'; 'bf16'/'fp16' fall back to 'no' (with a warning) on CPU."
     mp = mixed_precision or "no"
@@ -46,7 +46,7 @@ def resolve_mixed_precision(mixed_precision: str = "auto") -> str:
         return "no"
     return mp
 
-
+# %% ../nbs/04b_training.ipynb #f64c6b99
 def deepspeed_config_dict(deepspeed_config, micro_batch_size: int | None = None,
                           max_grad_norm: float | None = None) -> dict:
     """A DeepSpeed config (JSON path or dict) as a dict, with the "auto" values accelerate cannot infer filled in:
@@ -64,29 +64,7 @@ def deepspeed_config_dict(deepspeed_config, micro_batch_size: int | None = None,
         ds["gradient_clipping"] = float(max_grad_norm or 0.0)
     return ds
 
-
-def _end_process_group_at_exit(accelerator):
-    """At interpreter exit, release `accelerator`'s prepared models (their DDP reducers hold the process group) and
-    destroy the process group, as `Accelerator.end_training` would; hooked once per process. A stage's caller may
-    still use the group after the stage returns (a script, the next stage), so the stage cannot end it itself. Left
-    to the interpreter's teardown, gloo's threads can abort a finished process ("terminate called without an active
-    exception", exit -6): 5 of 20 two-process CPU runs of a DDP step did, 0 of 20 with this hook."""
-    _LIVE_ACCELERATORS.add(accelerator)
-    global _EXIT_HOOKED
-    if _EXIT_HOOKED: return
-    import atexit
-    def _end():
-        import gc
-        import torch.distributed as dist
-        for acc in list(_LIVE_ACCELERATORS): acc.free_memory()  # drops its DDP/DeepSpeed wrappers
-        gc.collect()
-        if dist.is_available() and dist.is_initialized(): dist.destroy_process_group()
-    atexit.register(_end)
-    _EXIT_HOOKED = True
-
-_EXIT_HOOKED, _LIVE_ACCELERATORS = False, weakref.WeakSet()
-
-
+# %% ../nbs/04b_training.ipynb #a1a066a1
 def make_accelerator(mixed_precision: str = "no", gradient_accumulation_steps: int = 1, deepspeed_config=None,
                      log_dir=None, seed: int = 0, micro_batch_size: int | None = None,
                      max_grad_norm: float | None = None):
@@ -152,7 +130,34 @@ def check_finite(loss, step: int, what: str = "loss"):
                                  "data of this step or use bf16 instead of fp16)", step=step, what=what)
     return loss
 
-# %% ../nbs/04b_training.ipynb #defe5704
+# %% ../nbs/04b_training.ipynb #704600e4
+def atomic_write_text(path, text: str):
+    "Write `text` to `path` through a unique temporary file in the same directory and `os.replace`: readers see all or nothing."
+    path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f: f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True); raise
+
+
+def read_metrics(path) -> list[dict]:
+    "Rows of a `metrics.jsonl` file (or of `path/metrics.jsonl` for a run directory); a torn last line is ignored."
+    path = Path(path)
+    if path.is_dir(): path = path / "metrics.jsonl"
+    if not path.exists(): return []
+    rows = []
+    lines = path.read_text().splitlines()
+    for i, line in enumerate(lines):
+        if not line.strip(): continue
+        try: rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            if i == len(lines) - 1: break  # a write cut short by a kill
+            raise ValueError(f"{path}: line {i + 1} is not valid JSON") from None
+    return rows
+
+# %% ../nbs/04b_training.ipynb #d811d166
 def _is_main(accelerator) -> bool: return accelerator is None or accelerator.is_main_process
 
 
@@ -198,34 +203,7 @@ class MetricLogger:
     def __enter__(self): return self
     def __exit__(self, *exc): self.close()
 
-
-def atomic_write_text(path, text: str):
-    "Write `text` to `path` through a unique temporary file in the same directory and `os.replace`: readers see all or nothing."
-    path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f: f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True); raise
-
-
-def read_metrics(path) -> list[dict]:
-    "Rows of a `metrics.jsonl` file (or of `path/metrics.jsonl` for a run directory); a torn last line is ignored."
-    path = Path(path)
-    if path.is_dir(): path = path / "metrics.jsonl"
-    if not path.exists(): return []
-    rows = []
-    lines = path.read_text().splitlines()
-    for i, line in enumerate(lines):
-        if not line.strip(): continue
-        try: rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            if i == len(lines) - 1: break  # a write cut short by a kill
-            raise ValueError(f"{path}: line {i + 1} is not valid JSON") from None
-    return rows
-
-# %% ../nbs/04b_training.ipynb #3711387c
+# %% ../nbs/04b_training.ipynb #415f6746
 CKPT_PREFIX, TRAINER_STATE, MANIFEST = "step_", "trainer_state.json", "manifest.json"
 HASH_LIMIT = 16 << 20  # files up to this size are also hashed in the manifest (the state, the RNG, the scheduler)
 # classes a DeepSpeed ZeRO checkpoint pickles besides tensors: allowed (with numpy's arrays for the RNG states) when
@@ -258,7 +236,7 @@ def write_manifest(ckpt) -> Path:
     atomic_write_text(ckpt / MANIFEST, json.dumps({"files": files}, indent=1))
     return ckpt / MANIFEST
 
-
+# %% ../nbs/04b_training.ipynb #e41a88b0
 def verify_checkpoint(ckpt) -> dict:
     """Check `ckpt` against its manifest: every listed file present with its size (and hash), no file that the save
     did not write, a readable `trainer_state.json`. Returns the trainer state; a `CheckpointError` names the file."""
@@ -292,7 +270,7 @@ def latest_checkpoint(ckpt_root) -> Path | None:
         except CheckpointError as e: warnings.warn(f"checkpoint {p.name} skipped: {e}")
     return None
 
-
+# %% ../nbs/04b_training.ipynb #0e250bd1
 def check_pickles(ckpt) -> None:
     """Load every pickle-format file of `ckpt` (`*.bin`, `*.pt`, `*.pkl`, DeepSpeed's shards included) with
     `weights_only=True` and memory-mapped tensors: a pickle that would run code or build an unexpected object is a
@@ -312,7 +290,7 @@ def check_pickles(ckpt) -> None:
             raise CheckpointError(f"{p}: refused, not plain tensors and data ({type(e).__name__}: "
                                   f"{str(e).splitlines()[0][:200]})") from None
 
-
+# %% ../nbs/04b_training.ipynb #991dd855
 @contextmanager
 def _own_custom_state(accelerator):
     """Hide the objects of `accelerator.register_for_checkpointing` from accelerate, whose `load_state` unpickles
@@ -582,3 +560,25 @@ def generate_answers(model, records: Sequence[dict], features: Callable, root=No
     finally:
         model.train(was_training)
     return out
+
+# %% ../nbs/04b_training.ipynb #a6cc8124
+def _end_process_group_at_exit(accelerator):
+    """At interpreter exit, release `accelerator`'s prepared models (their DDP reducers hold the process group) and
+    destroy the process group, as `Accelerator.end_training` would; hooked once per process. A stage's caller may
+    still use the group after the stage returns (a script, the next stage), so the stage cannot end it itself. Left
+    to the interpreter's teardown, gloo's threads can abort a finished process ("terminate called without an active
+    exception", exit -6): 5 of 20 two-process CPU runs of a DDP step did, 0 of 20 with this hook."""
+    _LIVE_ACCELERATORS.add(accelerator)
+    global _EXIT_HOOKED
+    if _EXIT_HOOKED: return
+    import atexit
+    def _end():
+        import gc
+        import torch.distributed as dist
+        for acc in list(_LIVE_ACCELERATORS): acc.free_memory()  # drops its DDP/DeepSpeed wrappers
+        gc.collect()
+        if dist.is_available() and dist.is_initialized(): dist.destroy_process_group()
+    atexit.register(_end)
+    _EXIT_HOOKED = True
+
+_EXIT_HOOKED, _LIVE_ACCELERATORS = False, weakref.WeakSet()
