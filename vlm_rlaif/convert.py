@@ -34,7 +34,7 @@ __all__ = ['LLAVA_MM_DEFAULTS', 'TINY_LLAMA', 'LLAVA_ARCHS', 'LLAVA_MODEL_TYPES'
            'load_llava_reward_model', 'convert_llava_reward_model', 'convert_llava_checkpoint', 'hf_clip_to_open_clip',
            'convert_hf_clip_tower']
 
-# %% ../nbs/11_convert.ipynb #63ce84c1
+# %% ../nbs/11_convert.ipynb #1173628a
 LLAVA_MM_DEFAULTS = dict(mm_vision_tower="openai/clip-vit-large-patch14-336", mm_hidden_size=1024,
                          mm_projector_type="mlp2x_gelu", mm_vision_select_layer=-2, mm_vision_select_feature="patch",
                          mm_use_im_start_end=False, mm_use_im_patch_token=False, image_aspect_ratio="pad",
@@ -76,7 +76,7 @@ def _save_weights(sd: dict, out: Path, fmt: str, shards: int, stem: str | None =
                "weight_map": weight_map}
         (out / f"{stem}.{ext}.index.json").write_text(json.dumps(idx, indent=2))
 
-
+# %% ../nbs/11_convert.ipynb #7a1db022
 def make_tiny_llava_checkpoint(out_dir, fmt: str = "safetensors", shards: int = 1, projector: str = "mlp2x_gelu",
                                mm_hidden_size: int = 64, seed: int = 0, with_projector: bool = True,
                                lm_overrides: dict | None = None, **mm_overrides) -> Path:
@@ -110,7 +110,7 @@ def make_tiny_llava_checkpoint(out_dir, fmt: str = "safetensors", shards: int = 
     _word_tokenizer(lcfg.vocab_size).save_pretrained(out)
     return out
 
-
+# %% ../nbs/11_convert.ipynb #832fb249
 def make_tiny_llava_adapter(out_dir, base_dir, r: int = 4, alpha: int = 8,
                             targets=("q_proj", "v_proj", "down_proj"), adapter_name: str | None = None,
                             nest: bool = False, projector_lora: bool = False, reward_head: bool = False,
@@ -155,7 +155,7 @@ def make_tiny_llava_adapter(out_dir, base_dir, r: int = 4, alpha: int = 8,
                     for k, v in proj.state_dict().items()}, adir / "non_lora_trainables.bin")
     return out
 
-# %% ../nbs/11_convert.ipynb #38861c94
+# %% ../nbs/11_convert.ipynb #2d63308f
 LLAVA_ARCHS = {"LlavaLlamaForCausalLM": "llama", "LlavaMistralForCausalLM": "mistral",
                "LlavaLlamaModel": "llama"}  # original LLaVA class -> the transformers LM family
 LLAVA_MODEL_TYPES = {"llava": "llama", "llava_llama": "llama", "llava_mistral": "mistral"}
@@ -194,7 +194,7 @@ def encoder_for_tower(tower: str | None, select_layer: int = -2, n_frames: int =
     arch, tag = KNOWN_TOWERS[key]
     return EncoderConfig(model_name=arch, pretrained=tag, select_layer=int(select_layer), n_frames=n_frames, aspect=aspect)
 
-
+# %% ../nbs/11_convert.ipynb #5e5b1597
 def read_llava_config(path, encoder: EncoderConfig | dict | None = None, dtype: str | None = None,
                       pool_order: str = "after") -> LlavaCheckpointConfig:
     "Read a LLaVA(-1.5) `config.json` (file or checkpoint dir) into the LM config + our `ModelConfig`."
@@ -248,7 +248,7 @@ def read_llava_config(path, encoder: EncoderConfig | dict | None = None, dtype: 
                      vision_hidden_size=int(raw["mm_hidden_size"]))
     return LlavaCheckpointConfig(cfg_file.parent, family, lm_config, mm, mc)
 
-# %% ../nbs/11_convert.ipynb #64f782d2
+# %% ../nbs/11_convert.ipynb #5e70366f
 WEIGHT_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
 WEIGHT_SINGLES = ("model.safetensors", "pytorch_model.bin")
 
@@ -302,7 +302,7 @@ def _file_keys(file: Path) -> list[str]:
             return list(f.keys())
     return list(read_tensors(file))
 
-
+# %% ../nbs/11_convert.ipynb #03309af3
 def classify_llava_key(key: str) -> tuple[str, str]:
     "Where an original key goes: ('lm'|'projector'|'vision_tower'|'ignored', the key in that part)."
     k = key[len("base_model.model."):] if key.startswith("base_model.model.") else key
@@ -331,7 +331,7 @@ def read_projector_state(path, files: dict | None = None) -> dict[str, torch.Ten
             out.update({classify_llava_key(k)[1]: v for k, v in read_tensors(file, want).items()})
     return out
 
-# %% ../nbs/11_convert.ipynb #3280e005
+# %% ../nbs/11_convert.ipynb #a9ac4f6f
 ADAPTER_FILES = ("adapter_model.safetensors", "adapter_model.bin")
 _LORA_NAME = re.compile(r"\.(lora_[AB])\.[^.]+\.weight$")  # `.lora_A.<adapter>.weight` -> `.lora_A.weight`
 
@@ -360,7 +360,7 @@ class LlavaAdapter:
         r, alpha = int(self.config.get("r", 8)), float(self.config.get("lora_alpha", 8))
         return alpha / (r ** 0.5) if self.config.get("use_rslora") else alpha / r
 
-
+# %% ../nbs/11_convert.ipynb #b779ec87
 def read_llava_adapter(path) -> LlavaAdapter:
     "Read a peft LoRA adapter saved in the original layout (nesting, adapter-name keys, projector / tower LoRA)."
     adir = find_adapter_dir(path)
@@ -408,7 +408,7 @@ def read_llava_adapter(path) -> LlavaAdapter:
             break
     return LlavaAdapter(adir, config, lm, {k: (v["lora_A"], v["lora_B"]) for k, v in proj.items()}, targets, non_lora)
 
-
+# %% ../nbs/11_convert.ipynb #b168628d
 def _lora_config(adapter: LlavaAdapter, trainable: bool):
     from peft import LoraConfig
     allowed = {f.name for f in fields(LoraConfig)}
@@ -456,7 +456,7 @@ def apply_llava_adapter(model: VideoLMM, adapter, trainable: bool = False) -> Vi
                                                          target_modules=list(ad.targets)))
     return model.set_trainable(lm=trainable, projector=trainable).train(trainable)
 
-# %% ../nbs/11_convert.ipynb #7d01da15
+# %% ../nbs/11_convert.ipynb #aa4a49b7
 @contextmanager
 def _quiet_transformers():
     "Silence transformers' load report (the mm_projector / vision-tower keys are expected and checked here)."
@@ -507,7 +507,7 @@ def load_llava_tokenizer(path):
                                 "a LLaVA checkpoint directory holds tokenizer.model (reading it needs `pip install sentencepiece`) "
                                 "or tokenizer.json; tokenizer_path= can point elsewhere") from e
 
-
+# %% ../nbs/11_convert.ipynb #851ed146
 def load_llava_checkpoint(path, adapter=None, encoder: EncoderConfig | dict | None = None, dtype: str | None = None,
                           projector_path=None, tokenizer_path=None, trainable: bool = False,
                           attn_implementation: str | None = None, pool_order: str = "after", device=None) -> VideoLMM:
@@ -545,7 +545,7 @@ def load_llava_checkpoint(path, adapter=None, encoder: EncoderConfig | dict | No
         apply_llava_adapter(model, adapter, trainable=trainable)
     return model.set_trainable(lm=trainable, projector=trainable).train(trainable)
 
-
+# %% ../nbs/11_convert.ipynb #aea37bfa
 def load_llava_reward_head(path) -> dict[str, torch.Tensor]:
     "LLaVA-RLHF / VLM-RLAIF reward head (`reward_head` file: `nn.Linear(hidden, 1)` state dict) -> {'weight', 'bias'}."
     p = Path(path)
@@ -605,7 +605,7 @@ def convert_llava_checkpoint(src, dst, adapter=None, merge: bool = False, overwr
     shutil.rmtree(stage.parent, ignore_errors=True)
     return dst
 
-# %% ../nbs/11_convert.ipynb #02d26b20
+# %% ../nbs/11_convert.ipynb #8f8fa971
 def hf_clip_to_open_clip(sd: dict, source="state dict") -> dict[str, torch.Tensor]:
     "Rename HF `CLIPVisionModel` / `CLIPModel` vision weights to open_clip `VisionTransformer` keys."
     v, proj = {}, None
@@ -642,7 +642,7 @@ def hf_clip_to_open_clip(sd: dict, source="state dict") -> dict[str, torch.Tenso
     out["proj"] = proj.T.contiguous() if proj is not None else torch.zeros(width, width, dtype=out["conv1.weight"].dtype)
     return out
 
-
+# %% ../nbs/11_convert.ipynb #d0df14a0
 def convert_hf_clip_tower(src, dst_file, select_layer: int = -2, n_frames: int = 50) -> EncoderConfig:
     """Convert a HF CLIP tower directory (`config.json` + weights) to an open_clip vision checkpoint (`dst_file`,
     safetensors); returns the `EncoderConfig` that loads it (a known open_clip architecture when the shape matches)."""
