@@ -139,7 +139,7 @@ def pair_logps(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
                       torch.cat([batch["video_feats"], batch["video_feats"]]))
     return lp[:B], lp[B:]
 
-# %% ../nbs/08b_dpo.ipynb #9b1260fc
+# %% ../nbs/08b_dpo.ipynb #e5524204
 @torch.no_grad()
 def evaluate_dpo(model, dataset, batch_size: int = 8, beta: float = 0.1) -> dict:
     "Implicit-reward accuracy and mean margin of `model` (a LoRA VideoLMM) against its adapter-disabled reference."
@@ -157,7 +157,7 @@ def evaluate_dpo(model, dataset, batch_size: int = 8, beta: float = 0.1) -> dict
     return dict(accuracy=float((m > 0).float().mean()) if len(m) else float("nan"),
                 margin=float(m.mean()) if len(m) else float("nan"), n=len(m))
 
-
+# %% ../nbs/08b_dpo.ipynb #35be316a
 def train_dpo(cfg: DPOConfig, out_dir, policy: VideoLMM | None = None) -> Path:
     """Train the DPO baseline from `cfg.sft_model_dir` on `cfg.train_file` pairs; writes `out_dir/policy` (VideoLMM
     dir), `metrics.jsonl`, `tb/`, `checkpoints/`, `config.json`, `eval.json` and `done.json`. Resumes; returns at once
