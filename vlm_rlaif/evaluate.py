@@ -55,7 +55,7 @@ def make_item(id, kind: str, video, question: str, answer: str, question_2: str 
         raise ValueError(f"item {id!r}: question_2 is {'required' if kind == 'consistency' else 'only for consistency items'}")
     return dict(id=str(id), kind=kind, video=video, question=question, answer=answer, question_2=question_2, meta=meta)
 
-# %% ../nbs/09_eval.ipynb #7a6527e9
+# %% ../nbs/09_eval.ipynb #b57c6da0
 def _load_list(path) -> list:
     path = Path(path)
     if not path.exists(): raise FileNotFoundError(f"annotation file not found: {path}")
@@ -88,7 +88,7 @@ def read_vcgbench(path, kind: str = "generic") -> list[dict]:
         else: out.append(make_item(f"{v}_{k}", kind, v, _field(r, ["Q"], path, i), _field(r, ["A"], path, i), source=str(path)))
     return out
 
-
+# %% ../nbs/09_eval.ipynb #62306177
 def read_qa(path, video_pattern: str = "{video}") -> list[dict]:
     """MSVD-QA / MSRVTT-QA style `[{video_id | video | video_name, question, answer, id | question_id}]` -> `qa` items.
     `video_pattern` maps the annotation's video field to a file name, e.g. `"video{video}"` for MSRVTT's ids."""
@@ -144,7 +144,7 @@ def toy_items(data_dir, split: str = "test") -> list[dict]:
                              video_id=r["video_id"], record=r, truth=r["answer"]))
     return out
 
-# %% ../nbs/09_eval.ipynb #90919273
+# %% ../nbs/09_eval.ipynb #922b248b
 _HEAD = "You are an intelligent chatbot designed for evaluating the {what} of generative outputs for {pairs}. "
 _HOW = " Here's how you can accomplish the task:------##INSTRUCTIONS: "
 SYSTEM_PROMPTS = {
@@ -187,6 +187,8 @@ SYSTEM_PROMPTS = {
     + _HOW + "- Focus on the meaningful match between the predicted answer and the correct answer.\n- Consider synonyms or "
     "paraphrases as valid matches.\n- Evaluate the correctness of the prediction compared to the answer.",
 }
+
+# %% ../nbs/09_eval.ipynb #74d70ae9
 _SCORE_NAME = {"correctness": "factual accuracy", "detail": "detail orientation", "context": "contextual understanding",
                "temporal": "temporal accuracy", "consistency": "consistency"}
 _HIGHEST = {"correctness": "factual consistency", "detail": "detail orientation", "context": "contextual understanding",
@@ -398,7 +400,7 @@ class HFJudge(PromptJudge):
         finally: self.tok.padding_side = side
         return out
 
-# %% ../nbs/09_eval.ipynb #ab2e801f
+# %% ../nbs/09_eval.ipynb #e8e7ee93
 RETRY_STATUS = {408, 409, 425, 429, 500, 502, 503, 504}
 
 
@@ -409,7 +411,7 @@ def _is_loopback(host: str) -> bool:
     try: return ipaddress.ip_address(host).is_loopback
     except ValueError: return False
 
-
+# %% ../nbs/09_eval.ipynb #7aa5f858
 class OpenAIJudge(PromptJudge):
     "An OpenAI-compatible chat-completions server as the judge (stdlib HTTP, retries with backoff, concurrent)."
     name = "openai"
@@ -517,7 +519,7 @@ def make_judge(kind: str, settings: dict | None = None, data_dir=None, truncate_
     settings.setdefault("truncate_scores", truncate_scores)
     return JUDGES[kind](**settings)
 
-# %% ../nbs/09_eval.ipynb #71d9980a
+# %% ../nbs/09_eval.ipynb #e07906fa
 def read_jsonl(path, key=None) -> list[dict]:
     "Rows of a JSONL file (missing file: []); a torn last line (an interrupted write) is dropped, other bad lines raise."
     path = Path(path)
@@ -541,7 +543,7 @@ def _append_jsonl(path, rows):
         f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
         f.flush(); os.fsync(f.fileno())
 
-
+# %% ../nbs/09_eval.ipynb #2add1bc1
 def question_records(items: Sequence[dict], video_root=None) -> list[dict]:
     "LLaVA-style question records to answer: one per item (two for consistency: ids `{id}#1`, `{id}#2`)."
     out = []
@@ -563,7 +565,7 @@ def resolve_video(video, video_root=None, formats: Sequence[str] = VIDEO_FORMATS
     if must_exist and not p.exists(): raise FileNotFoundError(f"video not found: {p} (tried {', '.join(formats)})")
     return p
 
-
+# %% ../nbs/09_eval.ipynb #00406b90
 def predict(items: Sequence[dict], answer_fn: Callable[[list[dict]], list[str]], path, batch_size: int = 16,
             video_root=None, progress: bool = False) -> dict[str, dict]:
     "Answer every item not yet in the JSONL file `path` (batched, appended); returns id -> prediction row."
@@ -699,7 +701,7 @@ class EvalConfig(Config):
     @property
     def judge_kind(self) -> str: return ("toy" if self.benchmark == "toy" else "openai") if self.judge == "auto" else self.judge
 
-# %% ../nbs/09_eval.ipynb #b8e542da
+# %% ../nbs/09_eval.ipynb #12583073
 def load_benchmark(cfg: EvalConfig) -> list[dict]:
     "The items of `cfg`'s benchmark, capped to `max_items` per kind by a seeded sample (order kept)."
     a, b = cfg.annotations, cfg.benchmark
@@ -720,7 +722,7 @@ def load_benchmark(cfg: EvalConfig) -> list[dict]:
         items = [x for i, x in enumerate(items) if i in keep]
     return items
 
-
+# %% ../nbs/09_eval.ipynb #69955ecb
 def _write_json(obj, path):
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
@@ -738,7 +740,7 @@ def _fingerprint(key, value):
     if key == "judge_settings": return {k: v for k, v in (value or {}).items() if k not in _VOLATILE_JUDGE}
     return value
 
-
+# %% ../nbs/09_eval.ipynb #3d556dd2
 def model_answerer(cfg: EvalConfig) -> Callable[[list[dict]], list[str]]:
     "answer_fn of `cfg.model_dir`'s VideoLMM: `training.generate_answers` on FeatureCache features (greedy by default)."
     from vlm_rlaif.encoder import EncoderConfig, FeatureCache
