@@ -200,7 +200,7 @@ def stage_features(run: Run, progress: bool = True) -> dict:
         return dict(videos=len(videos), **counts, failed_videos=names)
     return dict(videos=len(videos), **counts)
 
-# %% ../nbs/10_pipeline.ipynb #b15c644a
+# %% ../nbs/10_pipeline.ipynb #c037af0e
 SHARED_STAGES = ("features", "sft", "feedback", "reward", "ppo", "dpo", "grpo", "eval")  # run by every process of an `accelerate launch`
 
 
@@ -243,7 +243,7 @@ def run_stage(run: Run, stage: str, progress: bool = True, force: bool = False) 
     run.record(stage, secs, {k: v for k, v in info.items() if isinstance(v, (int, float, str, bool))})
     return info
 
-
+# %% ../nbs/10_pipeline.ipynb #188a0099
 def config_changes(old: dict, new: dict, prefix: str = "") -> dict:
     "`{dotted.key: (old, new)}` for every value that differs between two config dicts (missing: `<absent>`)."
     out = {}
@@ -275,7 +275,7 @@ def check_run_config(cfg: PipelineConfig, out_dir) -> bool:
                          "Use a new run directory (--out), or set the values back.")
     return old != new
 
-
+# %% ../nbs/10_pipeline.ipynb #b75130aa
 def run_pipeline(cfg: PipelineConfig, out_dir, stages=None, progress: bool = True, force=()) -> dict:
     """Run `stages` (default: `cfg.stages`) of `cfg` into `out_dir`; finished stages are skipped. Returns summaries.
     The whole config is checked first (`check_config`), and an existing run directory must hold the same config."""
