@@ -517,14 +517,14 @@ def rm_prompt_settings(cfg: PPOConfig, reward_model_dir=None) -> tuple[str | Non
     if prompt == "none": return None, False, "context"
     return rm_prompt(use_ctx, prompt), use_ctx, conf.get("context_key", "context")
 
-# %% ../nbs/08_ppo.ipynb #f651d629
+# %% ../nbs/08_ppo.ipynb #eb78c44d
 def _reduce_means(acc, d: dict) -> dict:
     keys = list(d)
     v = torch.tensor([float(d[k]) for k in keys], device=acc.device)
     if acc.num_processes > 1: v = acc.reduce(v, "mean")
     return dict(zip(keys, v.tolist()))
 
-
+# %% ../nbs/08_ppo.ipynb #cb8e6708
 def train_ppo(cfg: PPOConfig, out_dir, policy: VideoLMM | None = None, reward_model=None,
               reward_fn: Callable | None = None, monitor_fn: Callable | None = None) -> Path:
     """Run PPO from `cfg.sft_model_dir` against `cfg.reward_model_dir` on `cfg.prompts`; writes `out_dir/policy`
