@@ -23,7 +23,7 @@ from .encoder import EncoderConfig, FeatureCache
 from .model import LoraSettings, VideoLMM
 from .ppo import (KL_ESTIMATORS, KLController, _reduce_means, _step_indices, _trim, batch_sizes, kl_estimate,
                   load_policy, make_rollouts, masked_mean, policy_loss, response_logprobs, rm_prompt_ids,
-                  rm_prompt_settings, score_penalties)
+                  rm_prompt_settings, score_penalties, text_rewards)
 
 # %% auto #0
 __all__ = ['ADVANTAGES', 'KL_PLACES', 'GRPOConfig', 'group_advantages', 'sequence_rewards', 'grpo_batch_sizes', 'PolicyModule',
@@ -262,13 +262,7 @@ def train_grpo(cfg: GRPOConfig, out_dir, policy: VideoLMM | None = None, reward_
             suffix = rm_prompt_ids(tok, prompt_text, recs, use_ctx, ctx_key)
             with generation_model(acc, model_w) as m:
                 roll = make_rollouts(m.policy, rm, None, collate(items), suffix, cfg, autocast=acc.autocast)
-            extra = {}
-            if reward_fn is not None or monitor_fn is not None:
-                texts = [t.strip() for t in tok.batch_decode(roll["responses"], skip_special_tokens=True)]
-                if monitor_fn is not None: extra["objective/monitor"] = float(np.mean(monitor_fn(recs, texts)))
-                if reward_fn is not None:
-                    extra["objective/rm_scores"] = roll["scores"].mean()
-                    roll["scores"] = torch.as_tensor(reward_fn(recs, texts), dtype=torch.float32, device=roll["scores"].device)
+            extra = text_rewards(roll, tok, recs, reward_fn, monitor_fn)
             adv = sequence_rewards(roll, cfg, kl_ctl.value)
             stats = grpo_update(model_w, opt, sched, acc, roll, adv, cfg, kl_ctl.value, step, lora_params)
             mask = roll["mask"].float()

@@ -30,7 +30,7 @@ __all__ = ['KL_ESTIMATORS', 'PLACEMENTS', 'PPOConfig', 'truncate_at_eos', 'kl_es
            'shape_rewards', 'masked_mean', 'whiten', 'gae', 'policy_loss', 'value_loss', 'KLController', 'load_policy',
            'trainable_state', 'ValueHead', 'suppressed_ids', 'sampling_logprobs', 'response_logprobs', 'rm_prompt_ids',
            'reward_inputs', 'score_responses', 'make_rollouts', 'compute_advantages', 'batch_sizes', 'PolicyWithValue',
-           'ppo_update', 'rm_prompt_settings', 'train_ppo']
+           'ppo_update', 'rm_prompt_settings', 'text_rewards', 'train_ppo']
 
 # %% ../nbs/08_ppo.ipynb #5dea8ccf
 KL_ESTIMATORS = ("k1", "k1_clamp", "k3")
@@ -524,6 +524,21 @@ def _reduce_means(acc, d: dict) -> dict:
     if acc.num_processes > 1: v = acc.reduce(v, "mean")
     return dict(zip(keys, v.tolist()))
 
+
+def text_rewards(roll: dict, tokenizer, records, reward_fn: Callable | None = None,
+                 monitor_fn: Callable | None = None) -> dict:
+    """Diagnostics on the decoded answers of `roll`: `monitor_fn(records, answers)` is logged as `objective/monitor`;
+    `reward_fn(records, answers)` replaces `roll['scores']` in place (the RM's mean is kept as `objective/rm_scores`).
+    Returns those extra metrics ({}, and nothing decoded, when neither is given)."""
+    if reward_fn is None and monitor_fn is None: return {}
+    texts = [t.strip() for t in tokenizer.batch_decode(roll["responses"], skip_special_tokens=True)]
+    extra = {}
+    if monitor_fn is not None: extra["objective/monitor"] = float(np.mean(monitor_fn(records, texts)))
+    if reward_fn is not None:
+        extra["objective/rm_scores"] = roll["scores"].mean()
+        roll["scores"] = torch.as_tensor(reward_fn(records, texts), dtype=torch.float32, device=roll["scores"].device)
+    return extra
+
 # %% ../nbs/08_ppo.ipynb #cb8e6708
 def train_ppo(cfg: PPOConfig, out_dir, policy: VideoLMM | None = None, reward_model=None,
               reward_fn: Callable | None = None, monitor_fn: Callable | None = None) -> Path:
@@ -593,13 +608,7 @@ def train_ppo(cfg: PPOConfig, out_dir, policy: VideoLMM | None = None, reward_mo
             suffix = rm_prompt_ids(tok, prompt_text, recs, use_ctx, ctx_key)
             with generation_model(acc, model_w) as m:  # ZeRO-3: weights gathered once for the whole rollout batch
                 roll = make_rollouts(m.policy, rm, m.value_head, collate(items), suffix, cfg, autocast=acc.autocast)
-            extra = {}
-            if reward_fn is not None or monitor_fn is not None:
-                texts = [t.strip() for t in tok.batch_decode(roll["responses"], skip_special_tokens=True)]
-                if monitor_fn is not None: extra["objective/monitor"] = float(np.mean(monitor_fn(recs, texts)))
-                if reward_fn is not None:
-                    extra["objective/rm_scores"] = roll["scores"].mean()
-                    roll["scores"] = torch.as_tensor(reward_fn(recs, texts), dtype=torch.float32, device=roll["scores"].device)
+            extra = text_rewards(roll, tok, recs, reward_fn, monitor_fn)
             adv = compute_advantages(roll, cfg, kl_ctl.value, accelerator=acc)
             stats = ppo_update(model_w, opt, sched, acc, roll, adv, cfg, step, params)
             m, mask = roll["mask"], roll["mask"].float()
