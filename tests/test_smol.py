@@ -27,7 +27,7 @@ GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 TINY = ["toyworld.n_videos=12", "toyworld.qa_per_video=2", "tower_pretrain.steps=4", "tower_pretrain.batch_size=16",
         "tower_pretrain.n_videos=12", "encoder.n_frames=8", "encoder.tiny.image_size=32", "feedback.max_clip_frames=4",
         "feedback.n_clips=2", "sft.max_steps=2", "sft.batch_size=2", "sft.save_every=0", "sft.log_every=1",
-        "feedback.n_prompts=4", "feedback.max_new_tokens=8", "feedback.caption_max_new_tokens=8", "feedback.val_count=1",
+        "feedback.n_prompts=8", "feedback.max_new_tokens=8", "feedback.caption_max_new_tokens=8", "feedback.val_count=1",
         "reward.max_steps=2", "reward.batch_size=2", "reward.val_size=2", "reward.save_every=0",
         "ppo.num_steps=1", "ppo.rollout_batch_size=4", "ppo.generation_batch_size=4", "ppo.minibatch_size=2",
         "ppo.max_new_tokens=8", "ppo.save_every=0", "ppo.length_coef=0.0",
@@ -50,7 +50,8 @@ def run(tmp_path_factory):
     smol_dir()
     torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
     cfg = load_config(ROOT / "configs" / "smol.yaml", TINY)
-    out = tmp_path_factory.mktemp("smol")
+    # VLM_RLAIF_SMOL_RUN: a run directory to keep (finished stages of the same config are resumed, not rerun)
+    out = Path(os.environ.get("VLM_RLAIF_SMOL_RUN") or tmp_path_factory.mktemp("smol"))
     res = run_pipeline(cfg, out, progress=False)
     return Run(cfg, out), res
 
@@ -162,7 +163,9 @@ PLAIN = textwrap.dedent('''
     gguf_dir, gguf_file, sft_dir, ppo_dir, text, out = sys.argv[1:]
     tok = AutoTokenizer.from_pretrained(sft_dir)
     ids = tok(text, return_tensors="pt").input_ids
-    base = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=gguf_file, dtype=torch.float32)
+    from transformers import GgufConfig  # dense weights, as peft's LoRA layers wrap nn.Linear
+    base = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=gguf_file, dtype=torch.float32,
+                                                quantization_config=GgufConfig(dequantize=True))
     sft = PeftModel.from_pretrained(base, sft_dir + "/adapter").eval()
     pol = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(ppo_dir + "/lm", dtype=torch.float32),
                                     ppo_dir + "/adapter").eval()

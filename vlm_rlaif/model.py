@@ -262,7 +262,7 @@ _GGUF_MEMO: dict = {}  # (dir, file, dtype) -> (lm, tokenizer): de-quantising ta
 
 
 def _load_gguf(path: str, gguf_file: str, dtype: torch.dtype, extra: dict):
-    "A GGUF LM and its tokenizer, de-quantised by transformers once per process (later calls get fresh copies)."
+    "A GGUF LM (de-quantised to dense weights) and its tokenizer, loaded once per process (later calls get fresh copies)."
     import copy
     f = Path(path) / gguf_file
     if not f.exists():
@@ -273,7 +273,11 @@ def _load_gguf(path: str, gguf_file: str, dtype: torch.dtype, extra: dict):
     key = (str(f.resolve()), str(dtype), tuple(sorted(extra.items())))
     if key not in _GGUF_MEMO:
         tok = AutoTokenizer.from_pretrained(path, gguf_file=gguf_file)
-        lm = AutoModelForCausalLM.from_pretrained(path, gguf_file=gguf_file, dtype=dtype, **extra)
+        from transformers import GgufConfig
+        # dense weights (LoRA wraps nn.Linear; training needs them), then a plain model that save_pretrained accepts
+        lm = AutoModelForCausalLM.from_pretrained(path, gguf_file=gguf_file, dtype=dtype,
+                                                  quantization_config=GgufConfig(dequantize=True), **extra)
+        if getattr(lm, "hf_quantizer", None) is not None: lm.hf_quantizer.remove_quantization_config(lm)
         _GGUF_MEMO[key] = (lm.eval(), tok)
     lm, tok = _GGUF_MEMO[key]
     return copy.deepcopy(lm), copy.deepcopy(tok)
