@@ -68,8 +68,10 @@ def test_every_stage_ran(run):
     assert res["feedback"]["kept"] > 0  # the model's own verdicts (log-prob form) with its captions as context
     st = json.loads((r.dir("feedback") / "stats.json").read_text())
     assert st["context"] == "captions" and st["judge_form"] == "logprob"
-    assert res["reward"]["n_val"] >= 1 and res["eval"]["sft_correctness"] is not None
-    assert res["eval"]["ppo_correctness"] is not None
+    assert res["reward"]["n_val"] >= 1
+    for system in ("sft", "ppo", "chance"):  # every answer judged by the toy world's scorer
+        sc = json.loads((r.dir("eval") / system / "scores.json").read_text())
+        assert sc["counts"]["failed_total"] == 0 and sc["counts"]["judged"]["correctness"] > 0, system
 
 
 def test_real_tokenizer_and_lora(sft):
@@ -135,17 +137,17 @@ def test_reward_at_the_true_last_token(run):
     vf = torch.stack([it["video_feats"] for it in items] * 2)
     tok = rm.tokenizer
     assert all(tok.decode(x).endswith(prompt.strip()[-12:]) for x in rows)  # each row ends with the reward prompt
+    assert len({len(x) for x in rows}) > 1  # rows of different lengths: the batch below is padded
     L = max(len(x) for x in rows)
     ids = torch.full((len(rows), L), tok.pad_token_id); mask = torch.zeros_like(ids)
     for i, x in enumerate(rows): ids[i, :len(x)] = x; mask[i, :len(x)] = 1
     with torch.no_grad():
         batched = rm(ids, mask, vf)
         alone = torch.stack([rm(x[None], None, vf[i:i + 1])[0] for i, x in enumerate(rows)])
-        h, hm = rm.hidden_states(x := rows[0][None], None, vf[:1])
+        h, _ = rm.hidden_states(rows[0][None], None, vf[:1])
         direct = rm.score_head(h[0, -1])  # the last position of an unpadded row
     torch.testing.assert_close(batched, alone, atol=2e-4, rtol=0)
     torch.testing.assert_close(alone[0], direct[0], atol=1e-5, rtol=0)
-    assert len(set(len(x) for x in rows)) > 1 or True  # (lengths differ in general; the check holds either way)
 
 
 def test_first_minibatch_ratio_is_one(run):
