@@ -25,8 +25,8 @@ GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 # a few steps per stage, on 12 toy videos of 8 frames (the LM, LoRA and the stages' logic as in configs/smol.yaml)
 # (the tower reads the 64 px frames at 32 px: 8 frames + 16 patches = 24 visual tokens, so the LM's passes stay short)
 TINY = ["toyworld.n_videos=12", "toyworld.qa_per_video=2", "tower_pretrain.steps=4", "tower_pretrain.batch_size=16",
-        "tower_pretrain.n_videos=12", "encoder.n_frames=8", "encoder.tiny.image_size=32", "feedback.max_clip_frames=4",
-        "feedback.n_clips=2", "sft.max_steps=2", "sft.batch_size=2", "sft.save_every=0", "sft.log_every=1",
+        "tower_pretrain.n_videos=12", "encoder.n_frames=8", "encoder.tiny.image_size=32", "feedback.max_clip_frames=8",
+        "feedback.n_clips=1", "sft.max_steps=2", "sft.batch_size=2", "sft.save_every=0", "sft.log_every=1",
         "feedback.n_prompts=8", "feedback.max_new_tokens=8", "feedback.caption_max_new_tokens=8", "feedback.val_count=1",
         "reward.max_steps=2", "reward.batch_size=2", "reward.val_size=2", "reward.save_every=0",
         "ppo.num_steps=1", "ppo.rollout_batch_size=4", "ppo.generation_batch_size=4", "ppo.minibatch_size=2",
