@@ -78,3 +78,16 @@ def test_on_the_fly_writes_nothing_and_bad_input(world, tmp_path):
         TowerFeatures(world["enc"], tower=build_vision_tower(toy_encoder_config(n_frames=4, seed=1)))
     with pytest.raises(Exception, match="(?i)no such|not found|does not exist"):
         fly(tmp_path / "missing.mp4")
+
+
+def test_pipeline_prints_the_estimate_before_the_cache_fills(tmp_path, capsys):
+    "run_pipeline says what the feature cache will take on disk before the features stage writes it."
+    from vlm_rlaif.pipeline import load_config, run_pipeline
+    cfg_path = tmp_path / "c.yaml"
+    cfg_path.write_text("toyworld: {n_videos: 3}\nencoder: {model_name: tiny-vit, pretrained: null, tiny: {}, n_frames: 4}\n"
+                        "stages: [toyworld, features]\n")
+    run_pipeline(load_config(cfg_path), tmp_path / "run", progress=True)
+    out = capsys.readouterr().out
+    line = next(l for l in out.splitlines() if l.startswith("feature cache:"))
+    assert "3 videos" in line and "per video" in line, line
+    assert out.index("feature cache:") < out.index("== stage features:")  # printed before the stage ends

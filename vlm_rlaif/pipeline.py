@@ -288,6 +288,9 @@ def run_pipeline(cfg: PipelineConfig, out_dir, stages=None, progress: bool = Tru
     results = {}
     for s in stages or cfg.stages:
         if progress and main: print(f"== stage {s}", flush=True)
+        if s == "features" and progress and main and run.data_dir.exists():  # what the cache will take, before it does
+            from vlm_rlaif.data import feature_disk_estimate
+            print(feature_disk_estimate(run.encoder_config(), len(dataset_videos(run.data_dir)))["text"], flush=True)
         t0 = time.time()
         results[s] = run_stage(run, s, progress=progress, force=s in force)
         if progress and main: print(f"== stage {s}: {time.time() - t0:.1f} s", flush=True)
