@@ -33,7 +33,8 @@ from .frames import VideoError, list_frame_images, load_frames
 # %% auto #0
 __all__ = ['TINY_VISION', 'ASPECTS', 'FEATURE_STATS', 'FEATURE_DTYPES', 'GRID_CELLS', 'block_index', 'EncoderConfig',
            'num_visual_tokens', 'toy_encoder_config', 'VisionTower', 'build_vision_tower', 'spatio_temporal_pool',
-           'feature_bytes', 'FeatureCache', 'frame_caption', 'TowerPretrainConfig', 'pretrain_toy_tower']
+           'feature_bytes', 'FeatureCache', 'toy_probe_data', 'probe', 'frame_caption', 'TowerPretrainConfig',
+           'pretrain_toy_tower']
 
 # %% ../nbs/02_encoder.ipynb #1ba3c27d
 TINY_VISION = dict(image_size=64, patch_size=8, width=64, layers=3, heads=2, mlp_ratio=4.0)  # the toy-world ViT
@@ -370,6 +371,41 @@ class FeatureCache:
                     flush(batch); batch, n_frames = [], 0
             if batch: flush(batch)
         return stats
+
+# %% ../nbs/02_encoder.ipynb #c4789209
+def toy_probe_data(n: int, cfg: EncoderConfig, tower: VisionTower, seed: int = 0):
+    "Tower features `[n, T, P, C]` of `n` single-object toy videos and labels {target: (y, n_classes)}."
+    from vlm_rlaif.frames import sample_indices
+    from vlm_rlaif.toyworld import COLORS, EVENTS, MOTIONS, SHAPES, ToyWorldConfig, render_frames, sample_facts
+    wcfg = ToyWorldConfig(max_objects=1)
+    facts = [sample_facts(wcfg, [seed, i, 11], f"p{i}") for i in range(n)]
+    idx = sample_indices(wcfg.video_frames, cfg.n_frames)
+    X = torch.stack([tower.encode(render_frames(f)[idx], batch_size=256) for f in facts])
+    obj = [f["objects"][0] for f in facts]
+    ys = dict(colour=([COLORS.index(o["color"]) for o in obj], len(COLORS)),
+              shape=([SHAPES.index(o["shape"]) for o in obj], len(SHAPES)),
+              motion=([MOTIONS.index(o["motion"]) for o in obj], len(MOTIONS)),
+              event=([(EVENTS.index(o["event"]) + 1) if o["event"] else 0 for o in obj], len(EVENTS) + 1))
+    return X, {k: (torch.tensor(y), c) for k, (y, c) in ys.items()}
+
+def probe(X, y, n_classes: int, n_train: int, order: str = "after", readout: str = "all",
+          hid: int = 32, d: int = 8, epochs: int = 25, seed: int = 0) -> float:
+    "Held-out accuracy of MLP projector + pooling (`order`) + linear read-out of temporal (`readout='temporal'`) or all tokens."
+    X = (X - X[:n_train].mean((0, 1, 2))) / X[:n_train].std((0, 1, 2))
+    T, P = X.shape[1], X.shape[2]
+    sl = slice(0, T) if readout == "temporal" else slice(0, T + P)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        proj = nn.Sequential(nn.Linear(X.shape[-1], hid), nn.GELU(), nn.Linear(hid, d))
+        head = nn.Linear((sl.stop - sl.start) * d, n_classes)
+        opt = torch.optim.AdamW([*proj.parameters(), *head.parameters()], lr=3e-3, weight_decay=0.05)
+        fwd = lambda x: head((spatio_temporal_pool(proj(x)) if order == "after" else proj(spatio_temporal_pool(x)))[:, sl].flatten(1))
+        for _ in range(epochs):
+            for b in torch.randperm(n_train).split(32):
+                loss = nn.functional.cross_entropy(fwd(X[b]), y[b])
+                opt.zero_grad(); loss.backward(); opt.step()
+        with torch.no_grad():
+            return (fwd(X[n_train:]).argmax(1) == y[n_train:]).float().mean().item()
 
 # %% ../nbs/02_encoder.ipynb #f01802c4
 GRID_CELLS = ("top-left", "top", "top-right", "left", "centre", "right", "bottom-left", "bottom", "bottom-right")
