@@ -72,6 +72,8 @@ def test_every_stage_ran(run):
     for system in ("sft", "ppo", "chance"):  # every answer judged by the toy world's scorer
         sc = json.loads((r.dir("eval") / system / "scores.json").read_text())
         assert sc["counts"]["failed_total"] == 0 and sc["counts"]["judged"]["correctness"] > 0, system
+    summary = json.loads((r.root / "stages" / "eval.json").read_text())["summary"]  # the stage's own record
+    assert {"sft_correctness", "ppo_correctness", "chance_correctness"} <= set(summary), summary
 
 
 def test_real_tokenizer_and_lora(sft):

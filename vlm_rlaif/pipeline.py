@@ -531,7 +531,9 @@ def stage_eval(run: Run, progress: bool = True) -> dict:
         fn = lambda recs: chance_answers(recs, train, seed=0)
         out = evaluate_model(replace(eval_config(run), progress=progress), run.dir("eval") / "chance", answer_fn=fn)
         res["chance"] = load_scores(out)
-    return {f"{s}_{k}": v.get(k) for s, v in res.items() for k in ("correctness", "qa_accuracy") if k in v}
+    return {k: v for s, sc in res.items() for k, v in ((f"{s}_correctness", (sc.get("criteria") or {}).get("correctness")),
+                                                         (f"{s}_qa_accuracy", (sc.get("qa") or {}).get("accuracy")))
+            if v is not None}  # scores.json nests them under criteria / qa
 
 # %% ../nbs/10_pipeline.ipynb #083b5b2b
 def _plot_curves(path, series: dict, title: str, figdir: Path, name: str) -> str | None:
