@@ -550,18 +550,19 @@ def reason_candidates(facts: dict) -> list[tuple[str, str | None]]:
     return out
 
 def reason_answer(facts: dict, kind: str, shape: str | None = None) -> str:
-    "Ground-truth long reasoning answer: the premises (what is there), the steps (one fact a sentence), a conclusion."
+    """Ground-truth long reasoning answer: the steps that answer the question (one checkable fact a sentence), then
+    a short conclusion. Each kind opens on what its question asks, so the model must read the question to start it."""
     objs = {o["shape"]: o for o in facts["objects"]}
-    s = [f"{_count_phrase(len(objs))} in the video: {_listing(['a ' + _np(o) for o in objs.values()])}."]
     if kind == "movers":
-        s += [f"The {_np(o)} {MOTION_PHRASE[o['motion']]}." for o in objs.values()]
+        s = [f"The {_np(o)} {MOTION_PHRASE[o['motion']]}." for o in objs.values()]
         movers = [k for k, o in objs.items() if o["motion"] != "still"]
         s.append("So none of the objects moves." if not movers else "So every object moves." if len(movers) == len(objs)
                  else f"So only the {_listing(movers)} {'moves' if len(movers) == 1 else 'move'}.")
+        s.append(f"{_count_phrase(len(objs))} in the video in all.")
     elif kind == "order_explain":
         evs = events(facts)
         if len(evs) < 2: raise ValueError(f"reasoning 'order_explain' needs two events; video {facts.get('video_id')} has {len(evs)}")
-        s += [f"{'Then' if k else 'First'} the {e['shape']} {_ev_phrase(e)} {HALF_PHRASE[e['half']]}." for k, e in enumerate(evs)]
+        s = [f"{'Then' if k else 'First'} the {e['shape']} {_ev_phrase(e)} {HALF_PHRASE[e['half']]}." for k, e in enumerate(evs)]
         s.append(f"So the {evs[0]['shape']} comes first and the {evs[-1]['shape']} comes last.")
     elif kind in ("count_change", "color_change"):
         o = objs.get(shape)
@@ -570,11 +571,12 @@ def reason_answer(facts: dict, kind: str, shape: str | None = None) -> str:
             raise ValueError(f"reasoning {kind!r} needs an object that {'/'.join(want)}; video {facts.get('video_id')}, shape {shape!r}")
         e = _obj_event(o)
         if kind == "color_change":
-            s += [f"The {shape} is {o['color']} at first.", f"It {MOTION_PHRASE[o['motion']]}.",
-                  f"Then it turns {e['color']} {HALF_PHRASE[e['half']]}.", f"So the {shape} is {e['color']} at the end."]
+            s = [f"The {shape} is {o['color']} at first.", f"It {MOTION_PHRASE[o['motion']]}.",
+                 f"Then it turns {e['color']} {HALF_PHRASE[e['half']]}.", f"So the {shape} is {e['color']} at the end."]
         else:
-            s += [f"The {_np(o)} {MOTION_PHRASE[o['motion']]}.", f"It {e['event']} {HALF_PHRASE[e['half']]}.",
-                  f"So {'more' if e['event'] == 'appears' else 'fewer'} objects are on screen at the end."]
+            s = [f"The {_np(o)} {e['event']} {HALF_PHRASE[e['half']]}.", f"It {MOTION_PHRASE[o['motion']]}.",
+                 f"So {'more' if e['event'] == 'appears' else 'fewer'} objects are on screen at the end.",
+                 f"{_count_phrase(len(objs))} in the video in all."]
     else: raise ValueError(f"unknown reasoning kind {kind!r}")
     return " ".join(s)
 
