@@ -20,7 +20,8 @@ def world(tmp_path_factory):
 
 def test_layout_and_counts(world):
     meta = json.loads((world / "dataset.json").read_text())
-    assert meta["complete"] and meta["rendered"] == 10 and meta["config"] == json.loads(json.dumps(tw.asdict(CFG)))
+    conf = {k: v for k, v in tw.asdict(CFG).items() if k != "reasoning_per_video"}   # 0 (default): left out, as before it existed
+    assert meta["complete"] and meta["rendered"] == 10 and meta["config"] == json.loads(json.dumps(conf))
     assert sum(meta["counts"][f"{s}_videos"] for s in tw.SPLITS) == 10
     for name in meta["files"]: assert (world / name).exists(), name
     rows = [json.loads(line) for line in (world / "facts.jsonl").read_text().splitlines()]
@@ -116,3 +117,23 @@ def test_scorer_ranks_answers(world):
             halluc = gt + f" A purple {absent} moves up."
             assert tw.prefer(f, rec, gt, halluc) == 1 and tw.score_answer(f, rec, halluc)["n_hallucinated"] >= 2
         assert tw.prefer(f, rec, gt, fewer) == 1 and tw.prefer(f, rec, fewer, gt) == 2
+
+
+def test_reasoning_records_opt_in(tmp_path):
+    "reasoning_per_video adds long 'reason' records to the SFT files; the other records stay exactly as without it."
+    cfg = tw.ToyWorldConfig(n_videos=6, seed=2, qa_per_video=3, reasoning_per_video=2)
+    plain = tw.make_dataset(tw.ToyWorldConfig(n_videos=6, seed=2, qa_per_video=3), tmp_path / "plain", progress=False)
+    world = tw.make_dataset(cfg, tmp_path / "reason", progress=False)
+    assert json.loads((world / "dataset.json").read_text())["config"]["reasoning_per_video"] == 2
+    facts = tw.load_facts(world)
+    for s in tw.SPLITS:
+        old, new = (json.loads((d / f"{s}_sft.json").read_text()) for d in (plain, world))
+        assert [r for r in new if r["task"] != "reason"] == old
+        reason = [r for r in new if r["task"] == "reason"]
+        assert len(reason) == sum(min(2, len(tw.reason_candidates(f))) for v, f in facts.items() if v in {r["video_id"] for r in old})
+        for r in reason:
+            ans = r["conversations"][1]["value"]
+            assert r["difficulty"] == "long" and len(ans.split()) > 15
+            assert tw.quality(tw.score_answer(facts[r["video_id"]], r, ans)) == 5
+            worse = ans.replace("left", "right") if "left" in ans else ans.split(". ")[0] + "."
+            assert tw.quality(tw.score_answer(facts[r["video_id"]], r, worse)) < 5

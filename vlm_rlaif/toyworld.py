@@ -21,13 +21,14 @@ from .frames import write_video
 
 # %% auto #0
 __all__ = ['SHAPES', 'PALETTE', 'COLORS', 'BACKGROUND', 'MOTIONS', 'EVENTS', 'NUMBERS', 'SPLITS', 'MOTION_PHRASE', 'HALF_PHRASE',
-           'TEMPORAL_KINDS', 'QUESTIONS', 'TEMPORAL_TASKS', 'SHORT_TASKS', 'EVENT_VERB', 'YESNO_SUFFIX',
-           'YESNO_QUESTIONS', 'MOTION_VERB', 'ALL_COLORS', 'main_generate', 'ToyWorldConfig', 'visible', 'visible_span',
-           'position', 'color_at', 'sample_facts', 'events', 'shape_mask', 'render_frames', 'render_video',
-           'nearest_color', 'probe_point', 'describe', 'fact_claims', 'answer_for', 'qa_candidates', 'make_record',
-           'yesno_record', 'video_records', 'parse_claims', 'check_claim', 'record_targets', 'score_answer', 'quality',
-           'prefer', 'consistency_score', 'yes_no', 'split_of', 'make_dataset', 'load_facts', 'corpus_texts',
-           'vocabulary', 'main']
+           'TEMPORAL_KINDS', 'QUESTIONS', 'TEMPORAL_TASKS', 'LONG_TASKS', 'SHORT_TASKS', 'EVENT_VERB', 'YESNO_SUFFIX',
+           'YESNO_QUESTIONS', 'MOTION_VERB', 'ALL_COLORS', 'REASON_QUESTIONS', 'main_generate', 'ToyWorldConfig',
+           'visible', 'visible_span', 'position', 'color_at', 'sample_facts', 'events', 'shape_mask', 'render_frames',
+           'render_video', 'nearest_color', 'probe_point', 'describe', 'fact_claims', 'answer_for', 'qa_candidates',
+           'make_record', 'yesno_record', 'video_records', 'parse_claims', 'check_claim', 'record_targets',
+           'score_answer', 'quality', 'prefer', 'consistency_score', 'yes_no', 'reason_candidates', 'reason_answer',
+           'reason_record', 'reasoning_records', 'split_of', 'make_dataset', 'load_facts', 'corpus_texts', 'vocabulary',
+           'main']
 
 # %% ../nbs/01_toyworld.ipynb #7c880cc7
 SHAPES = ("circle", "square", "triangle")
@@ -53,11 +54,13 @@ class ToyWorldConfig:
     max_objects: int = 3
     qa_per_video: int = 4        # short-answer records per video in <split>_sft.json (plus 1 description, 1 yes/no)
     yesno_per_video: int = 4     # balanced yes/no questions per video in <split>_yesno.json
+    reasoning_per_video: int = 0 # long reasoning answers per video in <split>_sft.json (0: none, the default world)
     codec: str = "libx264"       # "mpeg4" where FFmpeg lacks libx264
     crf: int = 18                # x264 quality (lower = better)
 
     def __post_init__(self):
         if isinstance(self.splits, (list, tuple)): self.splits = dict(zip(SPLITS, self.splits))
+        if self.reasoning_per_video < 0: raise ValueError(f"reasoning_per_video must be >= 0, got {self.reasoning_per_video}")
         if self.n_videos < 1: raise ValueError(f"n_videos must be >= 1, got {self.n_videos}")
         if not 1 <= self.max_objects <= len(SHAPES): raise ValueError(f"max_objects must be in 1..{len(SHAPES)}, got {self.max_objects}")
         if self.video_frames < 8: raise ValueError(f"video_frames must be >= 8, got {self.video_frames}")
@@ -263,6 +266,7 @@ QUESTIONS = {
               "What happens first, and what happens next?"],
 }
 TEMPORAL_TASKS = ("motion", "happen", "change", "when", "order")
+LONG_TASKS = ("describe", "reason")   # curriculum stage 2: detailed descriptions and long reasoning answers
 SHORT_TASKS = ("color", "shape", "count", *TEMPORAL_TASKS)
 EVENT_VERB = {"appears": "appear", "disappears": "disappear", "turns": "change color"}
 
@@ -314,7 +318,7 @@ def qa_candidates(facts: dict) -> list[tuple[str, str | None]]:
 def _record(facts, rid, task, question, reply, target, **extra) -> dict:
     vid = facts["video_id"]
     return dict(id=rid, video=f"videos/{vid}.mp4", video_id=vid, task=task,
-                difficulty="long" if task == "describe" else "short", temporal=task in TEMPORAL_TASKS,
+                difficulty="long" if task in LONG_TASKS else "short", temporal=task in TEMPORAL_TASKS,
                 conversations=[{"from": "human", "value": f"<image>\n{question}"}, {"from": "gpt", "value": reply}],
                 target=[list(t) for t in target], **extra)
 
@@ -390,6 +394,7 @@ def video_records(facts: dict, cfg: ToyWorldConfig, rng_or_seed) -> dict[str, li
     swap = bool(rng.random() < 0.5)
     pair = [make_record(facts, task, shape, t, rid=f"{vid}-consistency-{k}", swap=swap) | {"pair_id": f"{vid}-consistency"}
             for k, t in enumerate((t1, t2))]
+    if cfg.reasoning_per_video: sft += reasoning_records(facts, cfg.reasoning_per_video, rng)  # drawn last: the rest is unchanged
     return dict(sft=sft, consistency=pair, yesno=yesno)
 
 # %% ../nbs/01_toyworld.ipynb #b3174705
@@ -523,6 +528,76 @@ def yes_no(answer: str) -> str | None:
     m = re.search(r"\b(yes|no)\b", str(answer).lower())
     return m.group(1) if m else None
 
+# %% ../nbs/01_toyworld.ipynb #91024039
+REASON_QUESTIONS = {
+    "count_change": ["What happens to the {shape}, and why does the number of objects on screen change?",
+                     "Why does the number of objects on screen change? Explain what the {shape} does."],
+    "movers": ["Which objects move, and which stay still? Explain.",
+               "Which objects move in the video, and in which direction? Explain."],
+    "order_explain": ["In what order do the events happen? Explain step by step.",
+                      "Which event comes first, and what follows? Explain."],
+    "color_change": ["What happens to the {shape}, and how does its color change? Explain.",
+                     "How does the color of the {shape} change, and when? Explain."],
+}
+
+def reason_candidates(facts: dict) -> list[tuple[str, str | None]]:
+    "All (kind, shape) long reasoning questions that are well defined for this video."
+    out = [("movers", None)]
+    for o in facts["objects"]:
+        if o.get("event") in ("appears", "disappears"): out.append(("count_change", o["shape"]))
+        if o.get("event") == "turns": out.append(("color_change", o["shape"]))
+    if len(events(facts)) >= 2: out.append(("order_explain", None))
+    return out
+
+def reason_answer(facts: dict, kind: str, shape: str | None = None) -> str:
+    """Ground-truth long reasoning answer: the steps that answer the question (one checkable fact a sentence), then
+    a short conclusion. Each kind opens on what its question asks, so the model must read the question to start it."""
+    objs = {o["shape"]: o for o in facts["objects"]}
+    if kind == "movers":
+        s = [f"The {_np(o)} {MOTION_PHRASE[o['motion']]}." for o in objs.values()]
+        movers = [k for k, o in objs.items() if o["motion"] != "still"]
+        s.append("So none of the objects moves." if not movers else "So every object moves." if len(movers) == len(objs)
+                 else f"So only the {_listing(movers)} {'moves' if len(movers) == 1 else 'move'}.")
+        s.append(f"{_count_phrase(len(objs))} in the video in all.")
+    elif kind == "order_explain":
+        evs = events(facts)
+        if len(evs) < 2: raise ValueError(f"reasoning 'order_explain' needs two events; video {facts.get('video_id')} has {len(evs)}")
+        s = [f"{'Then' if k else 'First'} the {e['shape']} {_ev_phrase(e)} {HALF_PHRASE[e['half']]}." for k, e in enumerate(evs)]
+        s.append(f"So the {evs[0]['shape']} comes first and the {evs[-1]['shape']} comes last.")
+    elif kind in ("count_change", "color_change"):
+        o = objs.get(shape)
+        want = ("appears", "disappears") if kind == "count_change" else ("turns",)
+        if o is None or o.get("event") not in want:
+            raise ValueError(f"reasoning {kind!r} needs an object that {'/'.join(want)}; video {facts.get('video_id')}, shape {shape!r}")
+        e = _obj_event(o)
+        if kind == "color_change":
+            s = [f"The {shape} is {o['color']} at first.", f"It {MOTION_PHRASE[o['motion']]}.",
+                 f"Then it turns {e['color']} {HALF_PHRASE[e['half']]}.", f"So the {shape} is {e['color']} at the end."]
+        else:
+            s = [f"The {_np(o)} {e['event']} {HALF_PHRASE[e['half']]}.", f"It {MOTION_PHRASE[o['motion']]}.",
+                 f"So {'more' if e['event'] == 'appears' else 'fewer'} objects are on screen at the end.",
+                 f"{_count_phrase(len(objs))} in the video in all."]
+    else: raise ValueError(f"unknown reasoning kind {kind!r}")
+    return " ".join(s)
+
+def reason_record(facts: dict, kind: str, shape: str | None = None, template: int = 0, rid: str | None = None) -> dict:
+    """A long reasoning record (task 'reason', difficulty 'long'): its target is every claim of the true answer,
+    each checked against the facts here, so a generator bug fails loudly instead of teaching a false answer."""
+    ans = reason_answer(facts, kind, shape)
+    claims = parse_claims(ans)
+    if bad := [c for c in claims if check_claim(facts, c) != "correct"]:
+        raise ValueError(f"reasoning answer of video {facts.get('video_id')} ({kind}) parses to false claims {bad}: {ans!r}")
+    tpl = REASON_QUESTIONS[kind][template % len(REASON_QUESTIONS[kind])]
+    return _record(facts, rid or f"{facts['video_id']}-reason-{kind}-{shape or 'all'}", "reason",
+                   tpl.format(shape=shape), ans, claims, qa_type=kind) | {"temporal": True}
+
+def reasoning_records(facts: dict, n: int, rng_or_seed) -> list[dict]:
+    "Up to `n` distinct long reasoning records of one video (kinds drawn at random from its candidates)."
+    rng, cands = _rng(rng_or_seed), reason_candidates(facts)
+    return [reason_record(facts, *cands[j], template=int(rng.integers(2)),
+                          rid=f"{facts['video_id']}-reason-{cands[j][0]}-{cands[j][1] or 'all'}")
+            for j in rng.permutation(len(cands))[:n].tolist()]
+
 # %% ../nbs/01_toyworld.ipynb #2a9a31eb
 def split_of(cfg: ToyWorldConfig) -> list[str]:
     "Split name of each video index: a seeded permutation cut by the split fractions."
@@ -545,6 +620,7 @@ def make_dataset(cfg: ToyWorldConfig, out_dir, overwrite: bool = False, progress
     "Render `cfg.n_videos` toy videos with their facts and instruction files into `out_dir` (resumable)."
     out = Path(out_dir); (out / "videos").mkdir(parents=True, exist_ok=True)
     meta_path, conf = out / "dataset.json", asdict(cfg)
+    if not conf["reasoning_per_video"]: del conf["reasoning_per_video"]  # a default world's dataset.json is as before
     if meta_path.exists() and not overwrite:
         try: old = json.loads(meta_path.read_text()).get("config")
         except json.JSONDecodeError as e: raise ValueError(f"{meta_path}: not valid JSON ({e})") from None
@@ -610,12 +686,13 @@ def main(argv=None) -> Path:
     p.add_argument("--frames", type=int, default=d.video_frames, help="frames per video")
     p.add_argument("--size", type=int, default=d.size, help="frame side in pixels")
     p.add_argument("--qa-per-video", type=int, default=d.qa_per_video)
+    p.add_argument("--reasoning-per-video", type=int, default=d.reasoning_per_video, help="long reasoning answers per video (SFT stage 2)")
     p.add_argument("--codec", default=d.codec, help="libx264 or mpeg4")
     p.add_argument("--overwrite", action="store_true", help="re-render all videos; replace a dataset made with another config")
     p.add_argument("--quiet", action="store_true", help="no progress bar or summary")
     a = p.parse_args(argv)
     cfg = ToyWorldConfig(n_videos=a.n_videos, seed=a.seed, video_frames=a.frames, size=a.size,
-                         qa_per_video=a.qa_per_video, codec=a.codec)
+                         qa_per_video=a.qa_per_video, reasoning_per_video=a.reasoning_per_video, codec=a.codec)
     out = make_dataset(cfg, a.out, overwrite=a.overwrite, progress=not a.quiet)
     if not a.quiet:
         m = json.loads((out / "dataset.json").read_text())
