@@ -19,6 +19,24 @@ TINY_LM = dict(TOY_LM_CONFIG, hidden_size=32, intermediate_size=64, num_hidden_l
                num_key_value_heads=2)
 
 
+def rl_world(root) -> dict:
+    """A tiny policy-training world under `root` (PPO / GRPO tests): 12 toy videos, the toy tower's feature cache, a
+    1-layer SFT model and a reward model built from it (seeded). Returns dict(root, data, enc)."""
+    from vlm_rlaif.encoder import FeatureCache, toy_encoder_config
+    from vlm_rlaif.model import ModelConfig, build_model, train_toy_tokenizer
+    from vlm_rlaif.reward import RewardModel
+    from vlm_rlaif.toyworld import ToyWorldConfig, corpus_texts, make_dataset
+    import torch
+    data = make_dataset(ToyWorldConfig(n_videos=12, seed=5), root / "data", progress=False)
+    enc = toy_encoder_config()
+    FeatureCache(root / "features", enc)
+    tok = train_toy_tokenizer(corpus_texts(data), vocab_size=400)
+    torch.manual_seed(0)
+    build_model(ModelConfig(lm_config=TINY_LM, encoder=enc, lora=None), tok).save_pretrained(root / "sft")
+    RewardModel.from_sft(root / "sft", lora=None, seed=1).save_pretrained(root / "rm" / "model")
+    return dict(root=root, data=data, enc=enc)
+
+
 def launch_two_processes(script: str, cfg: dict, out, workdir, timeout: int = 280,
                          machines: int = 1) -> subprocess.CompletedProcess:
     """Run `script` (Python source; argv: config JSON path, out dir) in 2 CPU processes with

@@ -12,13 +12,11 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 import pytest
 import torch
 
-from conftest import TINY_LM, launch_two_processes
-from vlm_rlaif.encoder import FeatureCache, toy_encoder_config
+from conftest import launch_two_processes, rl_world
 from vlm_rlaif.grpo import (GRPOConfig, grpo_batch_sizes, grpo_loss, group_advantages, sequence_rewards,
                             train_grpo)
-from vlm_rlaif.model import LoraSettings, ModelConfig, VideoLMM, build_model, train_toy_tokenizer
+from vlm_rlaif.model import LoraSettings, VideoLMM
 from vlm_rlaif.ppo import load_policy
-from vlm_rlaif.toyworld import ToyWorldConfig, corpus_texts, make_dataset
 
 torch.set_num_threads(1)
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
@@ -129,16 +127,7 @@ def test_pipeline_sections(tmp_path):
 # ---------------------------------------------------------------- the loop on a tiny model
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    from vlm_rlaif.reward import RewardModel
-    root = tmp_path_factory.mktemp("grpo")
-    data = make_dataset(ToyWorldConfig(n_videos=12, seed=5), root / "data", progress=False)
-    enc = toy_encoder_config()
-    FeatureCache(root / "features", enc)
-    tok = train_toy_tokenizer(corpus_texts(data), vocab_size=400)
-    torch.manual_seed(0)
-    build_model(ModelConfig(lm_config=TINY_LM, encoder=enc, lora=None), tok).save_pretrained(root / "sft")
-    RewardModel.from_sft(root / "sft", lora=None, seed=1).save_pretrained(root / "rm" / "model")
-    return dict(root=root, data=data, enc=enc)
+    return rl_world(tmp_path_factory.mktemp("grpo"))
 
 
 def grpo_cfg(world, **kw):

@@ -12,13 +12,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from vlm_rlaif.encoder import FeatureCache, toy_encoder_config
-from vlm_rlaif.model import LoraSettings, ModelConfig, VideoLMM, build_model, train_toy_tokenizer
+from vlm_rlaif.encoder import FeatureCache
+from vlm_rlaif.model import LoraSettings, VideoLMM
 from vlm_rlaif.ppo import (KLController, PPOConfig, ValueHead, compute_advantages, gae, kl_estimate, load_policy,
                            place_scores, policy_loss, rm_prompt_ids, score_penalties, shape_rewards, train_ppo,
                            truncate_at_eos, value_loss, whiten)
-from vlm_rlaif.toyworld import ToyWorldConfig, corpus_texts, make_dataset
-from conftest import TINY_LM
+from conftest import rl_world
 
 torch.set_num_threads(1)
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
@@ -202,16 +201,7 @@ def test_config_from_dict():
 # ---------------------------------------------------------------- the loop on a tiny model
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    from vlm_rlaif.reward import RewardModel
-    root = tmp_path_factory.mktemp("ppo")
-    data = make_dataset(ToyWorldConfig(n_videos=12, seed=5), root / "data", progress=False)
-    enc = toy_encoder_config()
-    FeatureCache(root / "features", enc)
-    tok = train_toy_tokenizer(corpus_texts(data), vocab_size=400)
-    torch.manual_seed(0)
-    build_model(ModelConfig(lm_config=TINY_LM, encoder=enc, lora=None), tok).save_pretrained(root / "sft")
-    RewardModel.from_sft(root / "sft", lora=None, seed=1).save_pretrained(root / "rm" / "model")
-    return dict(root=root, data=data, enc=enc)
+    return rl_world(tmp_path_factory.mktemp("ppo"))
 
 
 def ppo_cfg(world, **kw):
