@@ -541,9 +541,7 @@ class TowerFeatures:
     @torch.no_grad()
     def get(self, video) -> torch.Tensor:
         "Features `[T, P, C]` of `video` (a file or frame folder), encoded now."
-        from vlm_rlaif.frames import load_frames
-        frames = load_frames(video, k=self.cfg.n_frames, backend=self.backend, size=2 * min(self.tower.image_size))
-        return self.tower(self.tower.preprocess(frames)).to(device="cpu", dtype=self.dtype)
+        return self.tower(self.tower.read(video, self.backend)).to(device="cpu", dtype=self.dtype)
 
     __call__ = get
 

@@ -219,6 +219,11 @@ class VisionTower(nn.Module):
         h = out["image_intermediates"][0]
         return h if self.feature_mean is None else (h - self.feature_mean) / self.feature_std
 
+    def read(self, video, backend: str = "pyav") -> torch.Tensor:
+        """`cfg.n_frames` frames of `video` (a file or frame folder), preprocessed for this tower: decoded at most 2x its
+        input size (a 4000x3000 video never needs GBs). The one decoding path of the cache and of on-the-fly features."""
+        return self.preprocess(load_frames(video, k=self.cfg.n_frames, backend=backend, size=2 * min(self.image_size)))
+
     def encode(self, frames: np.ndarray, batch_size: int = 64) -> torch.Tensor:
         "uint8 frames `[T, H, W, 3]` -> features `[T, P, C]` (on the tower's device, in its dtype)."
         px = self.preprocess(frames)
@@ -339,9 +344,7 @@ class FeatureCache:
         tower = self.tower
 
         def load(v):
-            try:  # decoded at most 2x the tower's input (a 4000x3000 video never needs GBs), then preprocessed
-                fr = load_frames(v, k=self.cfg.n_frames, backend=self.backend, size=2 * min(tower.image_size))
-                return v, tower.preprocess(fr), None
+            try: return v, tower.read(v, self.backend), None
             except (VideoError, ValueError) as e: return v, None, e
 
         def flush(batch):  # one tower pass over the frames of several videos, then one file per video
