@@ -20,9 +20,9 @@ __all__ = ['STAGES', 'SHARED_STAGES', 'RECORD_STAGES', 'IGNORED_CHANGES', 'ADDED
            'apply_overrides', 'load_config', 'Run', 'stage_toyworld', 'stage_tower', 'dataset_videos', 'stage_features',
            'check_data', 'run_stage', 'config_changes', 'check_run_config', 'run_pipeline', 'sft_config',
            'write_judge_records', 'stage_sft', 'feedback_config', 'stage_feedback', 'preference_inputs',
-           'reward_config', 'stage_reward', 'ppo_config', 'toy_gold_monitor', 'stage_ppo', 'dpo_config', 'stage_dpo',
-           'grpo_config', 'stage_grpo', 'eval_config', 'stage_eval', 'plot_overoptimisation', 'paired_differences',
-           'build_report', 'stage_report', 'check_config']
+           'reward_config', 'stage_reward', 'rollout_inputs', 'ppo_config', 'toy_gold_monitor', 'stage_ppo',
+           'dpo_config', 'stage_dpo', 'grpo_config', 'stage_grpo', 'eval_config', 'stage_eval', 'plot_overoptimisation',
+           'paired_differences', 'build_report', 'stage_report', 'check_config']
 
 # %% ../nbs/10_pipeline.ipynb #705fe082
 STAGES = ("toyworld", "tower", "features", "sft", "feedback", "reward", "ppo", "dpo", "grpo", "eval", "report")
@@ -449,12 +449,16 @@ def stage_reward(run: Run, progress: bool = True) -> dict:
     return dict(val_accuracy=ev.get("accuracy"), n_val=ev.get("n"))
 
 # %% ../nbs/10_pipeline.ipynb #9285a4af
+def rollout_inputs(run: Run) -> dict:
+    "What a policy trained on its own rollouts reads (PPO, GRPO): the SFT model, the RM, the prompts and their features."
+    return dict(sft_model_dir=str(run.dir("sft") / "model"), reward_model_dir=str(run.dir("reward") / "model"),
+                prompts=str(run.data_dir / "train_sft.json"), features_dir=str(run.features_dir),
+                data_root=str(run.data_dir), encoder=run.encoder_dict())
+
+
 def ppo_config(run: Run):
     from vlm_rlaif.ppo import PPOConfig
-    return PPOConfig.from_dict(_section(run, "ppo", sft_model_dir=str(run.dir("sft") / "model"),
-                                        reward_model_dir=str(run.dir("reward") / "model"),
-                                        prompts=str(run.data_dir / "train_sft.json"), features_dir=str(run.features_dir),
-                                        data_root=str(run.data_dir), encoder=run.encoder_dict()))
+    return PPOConfig.from_dict(_section(run, "ppo", **rollout_inputs(run)))
 
 
 def toy_gold_monitor(data_dir):
@@ -491,10 +495,7 @@ def stage_dpo(run: Run, progress: bool = True) -> dict:
 def grpo_config(run: Run):
     "GRPOConfig of the run: the `grpo` section + the same SFT model, RM, prompts and features as PPO."
     from vlm_rlaif.grpo import GRPOConfig
-    return GRPOConfig.from_dict(_section(run, "grpo", sft_model_dir=str(run.dir("sft") / "model"),
-                                         reward_model_dir=str(run.dir("reward") / "model"),
-                                         prompts=str(run.data_dir / "train_sft.json"), features_dir=str(run.features_dir),
-                                         data_root=str(run.data_dir), encoder=run.encoder_dict()))
+    return GRPOConfig.from_dict(_section(run, "grpo", **rollout_inputs(run)))
 
 
 def stage_grpo(run: Run, progress: bool = True) -> dict:
