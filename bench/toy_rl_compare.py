@@ -150,7 +150,7 @@ def main(argv=None):
     p.add_argument("--eval-n", type=int, default=None, help="cap per item kind of the held-out split (default: all)")
     p.add_argument("--save-every", type=int, default=10)
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--set", nargs="*", default=[], metavar="METHOD.KEY=VALUE", help="e.g. grpo.kl_coef=0.1 ppo.ppo_epochs=1")
+    p.add_argument("--set", nargs="*", action="extend", default=[], metavar="METHOD.KEY=VALUE", help="e.g. grpo.kl_coef=0.1 ppo.ppo_epochs=1")
     p.add_argument("--job", default=None, help=argparse.SUPPRESS)  # internal: run one (method, seed)
     a = p.parse_args(argv)
     if a.job: return child(a.job)

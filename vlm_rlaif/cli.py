@@ -27,7 +27,8 @@ def _parser() -> argparse.ArgumentParser:
         s.add_argument("--config", default=None if name == "toyworld" else "configs/toy.yaml",
                        help="pipeline YAML (default: configs/toy.yaml)")
         s.add_argument("--out", required=True, help="run directory")
-        s.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides, e.g. sft.lr=3e-4")
+        s.add_argument("--set", nargs="*", action="extend", default=[], metavar="KEY=VALUE",
+                       help="config overrides, e.g. sft.lr=3e-4 (several after one --set, or --set repeated)")
         s.add_argument("--force", action="store_true", help=f"run the {name} stage again even if it is finished")
         s.add_argument("--quiet", action="store_true", help="no progress bars")
     return p
