@@ -11,6 +11,10 @@ import types
 import typing
 from dataclasses import asdict, fields, is_dataclass
 
+# %% auto #0
+__all__ = ['RANGES', 'NULLABLE', 'check_fields', 'Config']
+
+# %% ../nbs/00a_config.ipynb #93eb3b33
 # field name -> allowed interval, in the usual notation ("[1, inf)": an integer count >= 1)
 _POSITIVE, _COUNT, _NONNEG, _UNIT, _UNIT_OPEN = "(0, inf)", "[1, inf)", "[0, inf)", "[0, 1]", "[0, 1)"
 RANGES = {
@@ -31,13 +35,13 @@ RANGES = {
 }
 NULLABLE = ("no_eos_penalty",)  # fields that take None although their annotation does not say so (yet)
 
-
+# %% ../nbs/00a_config.ipynb #61ae69f5
 def _in_range(v, interval: str) -> bool:
     lo, hi = (x.strip() for x in interval[1:-1].split(","))
     lo, hi = float(lo), float(hi)
     return ((v >= lo) if interval[0] == "[" else (v > lo)) and ((v <= hi) if interval[-1] == "]" else (v < hi))
 
-
+# %% ../nbs/00a_config.ipynb #54027491
 def _coerce(v, t):
     "`v` as the annotated type `t` (an int is a float; a whole float is an int); a TypeError if it is not one."
     if typing.get_origin(t) in (typing.Union, types.UnionType):
@@ -66,12 +70,12 @@ def _coerce(v, t):
     else: return v  # a nested config class or anything else: its own constructor checks it
     raise TypeError
 
-
+# %% ../nbs/00a_config.ipynb #d5c2b92f
 def _type_name(t) -> str:
     return " or ".join("null" if a is type(None) else getattr(a, "__name__", str(a))
                        for a in (typing.get_args(t) if typing.get_origin(t) in (typing.Union, types.UnionType) else (t,)))
 
-
+# %% ../nbs/00a_config.ipynb #de58d05d
 def check_fields(cls, d: dict, source: str | None = None) -> dict:
     """Check `d` against the dataclass `cls`: unknown keys, each value's type (from the annotations) and, for
     numbers, the interval of `RANGES` (or `cls._ranges`) for its name. Returns `d` with values coerced
@@ -90,7 +94,7 @@ def check_fields(cls, d: dict, source: str | None = None) -> dict:
             raise ValueError(f"{where}.{k}: must be in {ranges[k]}, got {v!r}")
     return out
 
-
+# %% ../nbs/00a_config.ipynb #67d9344e
 class Config:
     """Base of the stage configs (dataclasses): `to_dict`, and a `from_dict` that rejects unknown keys, values of
     the wrong type and numbers out of range, by name."""
@@ -100,6 +104,3 @@ class Config:
     def from_dict(cls, d: dict, source: str | None = None):
         "Build the config from `d`, checked by `check_fields` (errors name the key, and `source`, e.g. a file)."
         return cls(**check_fields(cls, d, source))
-
-# %% auto #0
-__all__ = ['RANGES', 'NULLABLE', 'check_fields', 'Config']

@@ -51,6 +51,7 @@ ASPECTS = ("crop", "pad")  # how a non-square frame becomes the square tower inp
 
 def _pair(x) -> tuple[int, int]: return (int(x), int(x)) if isinstance(x, (int, float)) else (int(x[0]), int(x[1]))
 
+# %% ../nbs/02_encoder.ipynb #a9284245
 @dataclass
 class EncoderConfig(Config):
     """Which frozen vision tower makes the video features, how many frames it sees and how a frame is made square.
@@ -112,6 +113,7 @@ class EncoderConfig(Config):
             d["pretrained"] = [os.path.abspath(self.pretrained), st.st_size, st.st_mtime_ns]
         return hashlib.sha1(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
+# %% ../nbs/02_encoder.ipynb #9a187883
 def num_visual_tokens(n_frames: int, num_patches: int) -> int:
     "Visual tokens after spatio-temporal pooling: one per frame plus one per patch position."
     return int(n_frames) + int(num_patches)
@@ -145,6 +147,7 @@ def _use_quick_gelu(cfg: EncoderConfig, tag: dict) -> bool:
     mc = {} if cfg.tiny is not None else open_clip.get_model_config(cfg.model_name)
     return bool(mc.get("quick_gelu") or tag.get("quick_gelu"))
 
+# %% ../nbs/02_encoder.ipynb #44bd496b
 def _visual_state_dict(path) -> dict:
     "Vision-tower weights of an open_clip/OpenAI CLIP checkpoint (full model or vision tower only)."
     try:
@@ -168,6 +171,7 @@ def _feature_stats(path) -> tuple[torch.Tensor, torch.Tensor] | None:
         raise ValueError(f"{path}: feature_mean / feature_std must be two 1-D tensors of one size with std > 0")
     return mean, std
 
+# %% ../nbs/02_encoder.ipynb #e2e8ebef
 def _check_frames(frames) -> np.ndarray:
     if not isinstance(frames, np.ndarray) or frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[-1] != 3:
         desc = f"{frames.dtype} array of shape {frames.shape}" if isinstance(frames, np.ndarray) else type(frames).__name__
@@ -175,6 +179,7 @@ def _check_frames(frames) -> np.ndarray:
     if len(frames) == 0: raise ValueError("frames: got zero frames")
     return frames
 
+# %% ../nbs/02_encoder.ipynb #4cd38719
 class VisionTower(nn.Module):
     "Frozen open_clip ViT: frames -> patch features of one hidden layer, CLS dropped: `[N, P, C]`."
     def __init__(self, visual: nn.Module, cfg: EncoderConfig, preprocess_cfg: dict, feature_stats=None):
@@ -229,6 +234,7 @@ class VisionTower(nn.Module):
         px = self.preprocess(frames)
         return torch.cat([self(px[i:i + batch_size]) for i in range(0, len(px), batch_size)])
 
+# %% ../nbs/02_encoder.ipynb #53a43f60
 def build_vision_tower(cfg: EncoderConfig, device=None, dtype: torch.dtype | None = None) -> VisionTower:
     "Frozen `VisionTower` for `cfg`: pretrained weights if `cfg.pretrained`, else a seeded random init (`device='meta'`: no memory)."
     ckpt, tag = _checkpoint(cfg)
@@ -266,6 +272,7 @@ def feature_bytes(cfg: EncoderConfig, dtype: str = "float16", pooled: bool = Fal
     n = cfg.num_visual_tokens if pooled else cfg.n_frames * cfg.num_patches
     return n * cfg.hidden_size * FEATURE_DTYPES[dtype].itemsize
 
+# %% ../nbs/02_encoder.ipynb #b1a0014f
 def _video_stamp(video) -> str:
     "Identity of a video file (or frame folder) for the cache key: absolute path, size, mtime."
     p = Path(video)
@@ -284,6 +291,7 @@ def _atomic_save(tensors: dict, path: Path, metadata: dict):
         Path(tmp).unlink(missing_ok=True)
         raise
 
+# %% ../nbs/02_encoder.ipynb #926cee12
 class FeatureCache:
     "Frozen-tower features `[T, P, C]` of videos, computed once (batched) and kept as safetensors under `root/<fingerprint>/`."
     def __init__(self, root, encoder_cfg: EncoderConfig, tower: VisionTower | None = None, device=None,
@@ -424,6 +432,7 @@ def frame_caption(facts: dict, t: int) -> list[str]:
             out.append(f"{color_at(o, t)} {o['shape']} {GRID_CELLS[3 * r + c]}")
     return sorted(out)
 
+# %% ../nbs/02_encoder.ipynb #50bdcc72
 @dataclass
 class TowerPretrainConfig:
     "Contrastive pre-training of the tiny tower on toy frames and captions."
@@ -437,6 +446,7 @@ class TowerPretrainConfig:
     standardize: bool = True  # save per-channel feature mean/std: the tower then returns standardised features
     seed: int = 0
 
+# %% ../nbs/02_encoder.ipynb #8480ab95
 def pretrain_toy_tower(enc: EncoderConfig, out_path, pcfg: TowerPretrainConfig | None = None,
                        world=None, progress: bool = True) -> dict:
     "CLIP-style contrastive pre-training of `enc`'s tiny tower on toy frames; saves `visual.*` safetensors at `out_path`."

