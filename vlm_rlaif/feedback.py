@@ -381,7 +381,7 @@ def answer_sentences(answer: str) -> list[str]:
     "The sentences of an answer (its claims, one check each)."
     return [s.strip() for s in re.findall(r"[^.!?\n]+[.!?]*", str(answer)) if s.strip()]
 
-
+# %% ../nbs/06_feedback.ipynb #58d1fbf4
 _STOP = set("a an the is are was were be in on of to and or then it its at first second half video there this that "
             "does do did what which how yes no not".split())
 
@@ -399,7 +399,7 @@ def select_evidence(context: str | None, statement: str, k: int = 3) -> str | No
     keep = sorted(-i for o, i in sorted(overlap, reverse=True)[:k] if o > 0)
     return " ".join(sents[i] for i in keep) or None
 
-
+# %% ../nbs/06_feedback.ipynb #b3b2313f
 def debiased_preference(m_ab: float, m_ba: float, tol: float = 0.0) -> tuple[int | None, str, float]:
     """Position-debiased pairwise verdict from log-probabilities (as in Lee et al. 2023, RLAIF). `m_ab` = log p("(A)
     is better.") - log p("(B) is better.") with output_1 shown as (A); `m_ba` the same with the order swapped. A bias
@@ -417,7 +417,7 @@ def claim_preference(score_1: float, score_2: float, tol: float = 1e-6) -> tuple
     if abs(d) <= tol: return None, "tie", d
     return (1 if d > 0 else 2), "kept", d
 
-
+# %% ../nbs/06_feedback.ipynb #52df3dfb
 def judge_pairs_scored(scorer: ScoreFn, questions: Sequence[str], videos: Sequence[str | None],
                        pairs: Sequence[Sequence[str]], contexts: Sequence[str | None] | None = None,
                        form: str = "logprob", with_video: bool = True, tol: float | None = None,
@@ -503,7 +503,7 @@ def corrupt_answer(answer: str, rng: np.random.Generator, n_edits: int = 1) -> s
             out = out[:m.start()] + new + out[m.end():]
     return out if out != answer else None
 
-
+# %% ../nbs/06_feedback.ipynb #d390ffe9
 def _split_records(data_dir, split: str) -> list[dict]:
     path = Path(data_dir) / f"{split}_sft.json"
     if not path.exists(): raise FileNotFoundError(f"{path} not found: run toyworld.make_dataset first")
@@ -542,7 +542,7 @@ def judge_sft_records(data_dir, split: str = "train", n: int | None = None, seed
                                        {"from": "gpt", "value": VERDICT_TEXT[pref]}]))
     return out
 
-
+# %% ../nbs/06_feedback.ipynb #c191f01f
 def clip_caption_records(data_dir, split: str = "train", n_frames: int = 50, n_clips: int = 3,
                          max_clip_frames: int = 20) -> list[dict]:
     """Toy clip-captioning SFT records: `CAPTION_PROMPT` about each clip -> `describe(facts, clip)`. `video` is a
@@ -669,11 +669,12 @@ def corrupted_pairs(data_dir, split: str = "val", n: int | None = None, seed: in
 # %% ../nbs/06_feedback.ipynb #a63d9d28
 def plot_context_agreement(ag: dict, path=None, title: str | None = None):
     """Bar chart of a `context_agreement` result: each judge form's accuracy (kept and right, over the decidable pairs)
-    per context mode, with the exact McNemar p-value of each mode against no context. Saved to `path` if given."""
-    import matplotlib.pyplot as plt
+    per context mode, with the exact McNemar p-value of each mode against no context. Saved to `path` if given.
+    A `matplotlib.figure.Figure` made without pyplot: no backend is touched (display it, or save it)."""
+    from matplotlib.figure import Figure
     forms = [f for f in JUDGE_FORMS if f in ag]
     modes = [m for m in ("none", "captions", "truth") if any(m in ag[f] for f in forms)]
-    fig, ax = plt.subplots(figsize=(2.2 * len(forms) + 1.5, 3.2))
+    fig = Figure(figsize=(2.2 * len(forms) + 1.5, 3.2)); ax = fig.subplots()
     w = 0.8 / max(len(modes), 1)
     names = dict(none="no context", captions="own clip captions", truth="true clip descriptions")
     for k, m in enumerate(modes):
@@ -689,7 +690,7 @@ def plot_context_agreement(ag: dict, path=None, title: str | None = None):
     ax.set_ylabel(f"accuracy on {n} decidable pairs", fontsize=8); ax.legend(fontsize=7, loc="upper left", ncol=len(modes))
     ax.set_title(title or "Judge accuracy by context (p: exact McNemar vs no context)", fontsize=9)
     fig.tight_layout()
-    if path is not None: fig.savefig(path, dpi=90); plt.close(fig)
+    if path is not None: fig.savefig(path, dpi=90)
     return fig
 
 # %% ../nbs/06_feedback.ipynb #7d7e96c2

@@ -299,8 +299,7 @@ def run_pipeline(cfg: PipelineConfig, out_dir, stages=None, progress: bool = Tru
 # %% ../nbs/10_pipeline.ipynb #fc380a99
 def _fig_frames(run: Run, figdir: Path) -> str | None:
     "A test video's sampled frames beside its facts."
-    import matplotlib; matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # not pyplot: no backend is switched, nothing global changes
     from vlm_rlaif.frames import load_frames, sample_indices, num_frames
     from vlm_rlaif.toyworld import describe, load_facts
     try: facts = load_facts(run.data_dir)
@@ -311,11 +310,11 @@ def _fig_frames(run: Run, figdir: Path) -> str | None:
     k = run.encoder_config().n_frames
     frames, idx = load_frames(path, k=k), sample_indices(num_frames(path), k)
     n = min(8, len(frames)); sel = [round(i * (len(frames) - 1) / (n - 1)) for i in range(n)]
-    fig, axes = plt.subplots(1, n, figsize=(1.6 * n, 2.1))
+    fig = Figure(figsize=(1.6 * n, 2.1)); axes = fig.subplots(1, n)
     for ax, j in zip(axes, sel):
         ax.imshow(frames[j]); ax.set_title(f"frame {idx[j]}", fontsize=8); ax.axis("off")
     fig.suptitle(f"{vid}: " + describe(facts[vid]), fontsize=7, wrap=True)
-    fig.tight_layout(); out = figdir / "frames.png"; fig.savefig(out, dpi=90); plt.close(fig)
+    fig.tight_layout(); out = figdir / "frames.png"; fig.savefig(out, dpi=90)
     return out.name
 
 
@@ -539,19 +538,18 @@ def stage_eval(run: Run, progress: bool = True) -> dict:
 # %% ../nbs/10_pipeline.ipynb #083b5b2b
 def _plot_curves(path, series: dict, title: str, figdir: Path, name: str) -> str | None:
     "Line plots of metrics.jsonl keys (`{label: key}`) against the step, one panel each."
-    import matplotlib; matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # not pyplot: no backend is switched, nothing global changes
     from vlm_rlaif.training import read_metrics
     if not Path(path).exists(): return None
     rows = read_metrics(path)
     panels = [(lab, [(r["step"], r[k]) for r in rows if r.get(k) is not None and "step" in r]) for lab, k in series.items()]
     panels = [(lab, xy) for lab, xy in panels if xy]
     if not panels: return None
-    fig, axes = plt.subplots(1, len(panels), figsize=(3.6 * len(panels), 2.8), squeeze=False)
+    fig = Figure(figsize=(3.6 * len(panels), 2.8)); axes = fig.subplots(1, len(panels), squeeze=False)
     for ax, (lab, xy) in zip(axes[0], panels):
         ax.plot(*zip(*xy), lw=1.2); ax.set_title(lab, fontsize=9); ax.set_xlabel("step", fontsize=8); ax.grid(alpha=.3)
     fig.suptitle(title, fontsize=10); fig.tight_layout()
-    fig.savefig(figdir / name, dpi=90); plt.close(fig)
+    fig.savefig(figdir / name, dpi=90)
     return name
 
 
@@ -572,15 +570,14 @@ def _section_sft(run: Run, figdir: Path) -> str:
     p = run.dir("sft") / "metrics.jsonl"
     if not p.exists(): return ""
     rows = [r for r in read_metrics(p) if "loss" in r]
-    import matplotlib; matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(5, 2.8))
+    from matplotlib.figure import Figure  # not pyplot: no backend is switched, nothing global changes
+    fig = Figure(figsize=(5, 2.8)); ax = fig.subplots()
     for st in sorted({r.get("stage_name", "sft") for r in rows}, key=lambda n: min(r["step"] for r in rows if r.get("stage_name", "sft") == n)):
         xy = [(r["step"], r["loss"]) for r in rows if r.get("stage_name", "sft") == st]
         ax.plot(*zip(*xy), label=st)
     ax.set_xlabel("optimizer step"); ax.set_ylabel("loss"); ax.set_yscale("log"); ax.legend(fontsize=8); ax.grid(alpha=.3)
     ax.set_title("SFT loss per curriculum stage", fontsize=10); fig.tight_layout()
-    fig.savefig(figdir / "sft_loss.png", dpi=90); plt.close(fig)
+    fig.savefig(figdir / "sft_loss.png", dpi=90)
     cur = (run.cfg.sft or {}).get("curriculum", True)
     how = ("two-stage curriculum (short answers, then long ones)" if cur else
            "one mixed stage (`sft.curriculum: false`; the curriculum comparison is in 05_sft)")
@@ -637,9 +634,9 @@ def _section_reward(run: Run, figdir: Path) -> str:
 def plot_overoptimisation(metrics_path, path=None, smooth: int | None = None):
     """The reward model's score (the proxy) and the exact toy-world quality of the same rollouts (the gold score,
     logged as `objective/monitor`): left, over PPO steps; right, against the KL to the SFT policy (steps sorted by
-    KL, moving averages of `smooth` steps, default a sixth of them), the over-optimisation picture of Gao et al."""
-    import matplotlib; matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    KL, moving averages of `smooth` steps, default a sixth of them), the over-optimisation picture of Gao et al.
+    Returns a `matplotlib.figure.Figure` made without pyplot (no backend is touched: display it, or give `path`)."""
+    from matplotlib.figure import Figure  # not pyplot: no backend is switched, nothing global changes
     import numpy as np
     from vlm_rlaif.training import read_metrics
     rows = [r for r in read_metrics(metrics_path) if r.get("objective/monitor") is not None and "objective/kl" in r]
@@ -647,7 +644,7 @@ def plot_overoptimisation(metrics_path, path=None, smooth: int | None = None):
     w = smooth or max(2, len(rows) // 6)
     ma = lambda x: np.convolve(x, np.ones(w) / w, mode="valid")
     step, kl, rm, gold = (np.array([r[k] for r in rows], float) for k in ("step", "objective/kl", "objective/scores", "objective/monitor"))
-    fig, (a1, a2) = plt.subplots(1, 2, figsize=(9, 3.2))
+    fig = Figure(figsize=(9, 3.2)); a1, a2 = fig.subplots(1, 2)
     for ax, x, title in ((a1, step, "over PPO steps"), (a2, None, "against KL (steps sorted by KL)")):
         o = np.arange(len(kl)) if x is not None else np.argsort(kl)
         xs = ma(step[o]) if x is not None else ma(kl[o])
@@ -659,7 +656,7 @@ def plot_overoptimisation(metrics_path, path=None, smooth: int | None = None):
     h = [l for ax in (a2, a2.figure.axes[-1]) for l in ax.get_lines()[:1]]
     fig.legend(h, [l.get_label() for l in h], loc="lower center", fontsize=7, ncol=2)
     fig.suptitle(f"PPO: proxy vs gold (moving averages of {w} steps)", fontsize=10); fig.tight_layout(rect=(0, 0.07, 1, 1))
-    if path is not None: fig.savefig(path, dpi=90); plt.close(fig)
+    if path is not None: fig.savefig(path, dpi=90)
     return fig
 
 

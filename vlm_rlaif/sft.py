@@ -223,7 +223,7 @@ def stagewise_cosine(stage_steps: Sequence[int], warmup_ratio: float = 0.03) -> 
         return max(0.0, 0.5 * (1 + math.cos(math.pi * (i - w) / max(1, n - w))))
     return f
 
-
+# %% ../nbs/05_sft.ipynb #20747665
 def _features(cfg: SFTConfig, model, accelerator, records, root):
     "FeatureCache of the model's encoder; the missing features of `records` are computed first (shared by rank)."
     from vlm_rlaif.data import media_path
@@ -241,7 +241,7 @@ def _mean_across(accelerator, x: torch.Tensor) -> torch.Tensor:
     return accelerator.reduce(x.detach().float().reshape(1).to(accelerator.device), "mean")[0] \
         if accelerator.num_processes > 1 else x.detach().float()
 
-
+# %% ../nbs/05_sft.ipynb #670929a0
 def train_sft(cfg: SFTConfig, out_dir, on_step: Callable | None = None, progress: bool = True) -> Path:
     """Curriculum SFT of a VideoLMM: writes `out_dir/model`, `metrics.jsonl`, `tb/`, `checkpoints/`, `done.json`.
     Returns at once if `done.json` exists; resumes from the latest checkpoint otherwise."""
@@ -254,7 +254,7 @@ def train_sft(cfg: SFTConfig, out_dir, on_step: Callable | None = None, progress
     with run_lock(out_dir, acc):
         return _train_sft(cfg, out_dir, acc, on_step, progress, t0)
 
-
+# %% ../nbs/05_sft.ipynb #29754e62
 def _train_sft(cfg: SFTConfig, out_dir: Path, acc, on_step, progress: bool, t0: float) -> Path:
     from transformers import get_cosine_schedule_with_warmup
     main = acc.is_main_process
