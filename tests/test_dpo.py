@@ -134,3 +134,22 @@ def test_resume_matches_uninterrupted(world, tmp_path):
     lb = {n: p for n, p in VideoLMM.from_pretrained(part / "policy").named_parameters() if "lora_" in n}
     for n in la: torch.testing.assert_close(la[n], lb[n])
     assert [json.loads(l)["step"] for l in (part / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3, 4]
+
+
+def test_resume_in_a_later_epoch_matches_uninterrupted(world, tmp_path):
+    "Resumed at an epoch boundary and in the middle of epoch 2: accelerate's loader must be told the epoch too."
+    cfg = dpo_cfg(world, epochs=2, keep_checkpoints=10, val_file=None)
+    full = train_dpo(cfg, tmp_path / "full")  # 2 epochs of 4 steps, checkpoints at 1..7
+    losses = lambda d: [json.loads(l)["loss"] for l in (d / "metrics.jsonl").read_text().splitlines()]
+    la = {n: p for n, p in VideoLMM.from_pretrained(full / "policy").named_parameters() if "lora_" in n}
+    for at in (4, 6):
+        part = tmp_path / f"part{at}"
+        shutil.copytree(full, part)
+        (part / "done.json").unlink(); shutil.rmtree(part / "policy")
+        for c in (part / "checkpoints").iterdir():
+            if int(c.name.rsplit("_", 1)[1]) > at: shutil.rmtree(c)
+        train_dpo(cfg, part)
+        assert len(losses(part)) == 8
+        for a, b in zip(losses(full), losses(part)): assert math.isclose(a, b, rel_tol=1e-4), (at, losses(full), losses(part))
+        lb = {n: p for n, p in VideoLMM.from_pretrained(part / "policy").named_parameters() if "lora_" in n}
+        for n in la: torch.testing.assert_close(la[n], lb[n])

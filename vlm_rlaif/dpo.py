@@ -206,6 +206,8 @@ def train_dpo(cfg: DPOConfig, out_dir, policy: VideoLMM | None = None) -> Path:
     try:
         while step < total and epoch < cfg.epochs:
             sampler.set_epoch(epoch)
+            # accelerate's loader sets the sampler's epoch to its own count of passes (0 after a resume): set both
+            if hasattr(dl, "set_epoch"): dl.set_epoch(epoch)
             it = acc.skip_first_batches(dl, skip) if skip else dl
             acc_stats = []
             for b_in_epoch, batch in enumerate(it, start=skip):
