@@ -213,3 +213,22 @@ def test_curriculum_stages_are_the_files(tmp_path):
     cfg = SFTConfig.from_dict({**paper, "data_dir": str(tmp_path), "deepspeed_config": None, "file_stages": {}})
     stages = {n: [r["id"] for r in rs] for n, rs in sft_stages(load_sft_records(cfg))}
     assert stages == {"easy": ["r1", "r2", "r3"], "hard": ["r0"]}
+
+
+def test_resume_in_a_later_epoch_gives_the_same_weights(world, tmp_path):
+    "Killed at an epoch boundary and inside epoch 2: accelerate's loader must be told the epoch, not only the sampler."
+    cfg = cfg_for(world, curriculum=False, epochs_per_stage=2, save_every=1, model=dict(
+        lm_config=TINY_LM, encoder=toy_encoder_config().to_dict(), lora=None))
+    full = train_sft(cfg, tmp_path / "full", progress=False)
+    rows = read_metrics(full)
+    first_of_epoch2 = min(r["step"] for r in rows if r["epoch"] > 1)  # epoch = passes done, fractional
+    assert first_of_epoch2 >= 2 and rows[-1]["step"] > first_of_epoch2  # epoch 2 has at least two steps
+    for kill_at in (first_of_epoch2 - 1, first_of_epoch2):  # the end of epoch 1; one step into epoch 2
+        out = tmp_path / f"run{kill_at}"
+        with pytest.raises(Kill):
+            train_sft(cfg, out, on_step=killer(kill_at), progress=False)
+        train_sft(cfg, out, progress=False)
+        a, b = weights(full), weights(out)
+        for k in a:
+            assert torch.equal(a[k], b[k]), (kill_at, k)
+        assert [r["loss"] for r in read_metrics(out)] == pytest.approx([r["loss"] for r in rows], rel=1e-6)

@@ -316,6 +316,8 @@ def _train_sft(cfg: SFTConfig, out_dir: Path, acc, on_step, progress: bool, t0: 
                 samplers[si].set_epoch(ep)
                 skip = pos["batch"] if (si, ep) == (pos["stage"], pos["epoch"]) else 0
                 dl = acc.skip_first_batches(loaders[si], skip) if skip else loaders[si]
+                # accelerate's loader sets the sampler's epoch to its own count of passes (0 after a resume): set both
+                if hasattr(dl, "set_epoch"): dl.set_epoch(ep)
                 nb = skip
                 for batch in dl:
                     with acc.accumulate(model):
