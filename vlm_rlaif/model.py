@@ -14,6 +14,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
+from fastcore.basics import patch
 from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
@@ -26,7 +27,7 @@ __all__ = ['IMAGE_TOKEN', 'IGNORE_INDEX', 'VICUNA_SYSTEM', 'ROLES', 'SEP', 'SEP2
            'TOY_LM_CONFIG', 'DTYPES', 'video_question', 'build_prompt', 'turn_end', 'train_toy_tokenizer',
            'build_projector', 'load_projector_weights', 'project_and_pool', 'expand_image_tokens', 'left_pad',
            'LoraSettings', 'ModelConfig', 'prepare_tokenizer_and_embeddings', 'build_toy_lm', 'resolve_lm_path',
-           'load_lm', 'VideoLMM', 'add_lora', 'build_model']
+           'load_lm', 'VideoLMM', 'build_model', 'add_lora']
 
 # %% ../nbs/03_model.ipynb #d4c5b90c
 IMAGE_TOKEN = "<image>"  # the placeholder replaced by the visual tokens
@@ -343,141 +344,91 @@ class VideoLMM(nn.Module):
         w = next(self.projector.parameters())
         return project_and_pool(video_feats.to(device=w.device, dtype=w.dtype), self.projector, self.cfg.pool_order)
 
-    def build_inputs(self, input_ids, attention_mask=None, video_feats=None, labels=None) -> dict:
-        "LM inputs with visual tokens spliced in: `inputs_embeds, attention_mask, position_ids[, labels]`."
-        if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
-        if video_feats is None:  # text only (e.g. a judge prompt without video)
-            if (input_ids == self.image_token_id).any():
-                raise ValueError(f"input_ids contain {IMAGE_TOKEN} but no video_feats were given")
-            embeds = self.lm.get_input_embeddings()(input_ids)
-        else:
-            if video_feats.shape[0] != input_ids.shape[0]:
-                raise ValueError(f"batch size mismatch: {input_ids.shape[0]} prompts, {video_feats.shape[0]} videos")
-            vis = self.embed_video(video_feats)
-            ex = expand_image_tokens(input_ids, self.image_token_id, vis.shape[1], attention_mask, labels)
-            ids, attention_mask, labels = ex["input_ids"], ex["attention_mask"], ex["labels"]
-            embeds = self.lm.get_input_embeddings()(ids)
-            slots = (ids == self.image_token_id).unsqueeze(-1).expand_as(embeds)
-            embeds = embeds.masked_scatter(slots, vis.to(embeds.dtype))
-        position_ids = (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)
-        out = {"inputs_embeds": embeds, "attention_mask": attention_mask, "position_ids": position_ids}
-        if labels is not None:
-            out["labels"] = labels
-        return out
-
     def forward(self, input_ids, attention_mask=None, video_feats=None, labels=None, **kwargs):
         "Run the LM on the spliced inputs; returns the HF output (logits over the expanded sequence, loss if labels)."
         return self.lm(**self.build_inputs(input_ids, attention_mask, video_feats, labels), **kwargs)
 
-    @torch.no_grad()
-    def generate(self, input_ids, attention_mask=None, video_feats=None, max_new_tokens: int = 128,
-                 do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
-                 **gen_kwargs) -> torch.Tensor:
-        "Sample or greedily decode answers (HF generate, KV cache); returns only the new tokens, pad after EOS."
-        if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
-        input_ids, attention_mask = left_pad(input_ids, attention_mask)  # generation appends on the right
-        inputs = self.build_inputs(input_ids, attention_mask, video_feats)
-        tok = self.tokenizer
-        kw = dict(max_new_tokens=max_new_tokens, do_sample=do_sample, eos_token_id=tok.eos_token_id,
-                  pad_token_id=tok.pad_token_id, suppress_tokens=[self.image_token_id])
-        if do_sample:  # pure temperature / nucleus sampling: top_k=0 switches off HF's default top-k of 50
-            kw.update(temperature=temperature, top_p=top_p, top_k=top_k)
-        kw.update(gen_kwargs)
-        return self.lm.generate(inputs_embeds=inputs["inputs_embeds"], attention_mask=inputs["attention_mask"], **kw)
-
-    # ---- trainable parameters ----
-    def set_trainable(self, lm: bool = True, projector: bool = True) -> VideoLMM:
-        "Freeze/unfreeze the LM (only its LoRA adapters when peft-wrapped) and the projector."
-        if _is_peft(self.lm):
-            for n, p in self.lm.named_parameters():
-                p.requires_grad_(lm and "lora_" in n)
-        else:
-            self.lm.requires_grad_(lm)
-        self.projector.requires_grad_(projector)
-        return self
-
-    def parameter_counts(self) -> dict:
-        "Total and trainable parameter counts, overall and for the LM and projector."
-        def cnt(ps, train=False): return sum(p.numel() for p in ps if p.requires_grad or not train)
-        return {"total": cnt(self.parameters()), "trainable": cnt(self.parameters(), True),
-                "lm_trainable": cnt(self.lm.parameters(), True), "projector": cnt(self.projector.parameters())}
-
-    def merge_lora(self) -> VideoLMM:
-        "Fold the LoRA adapters into the LM weights (the LM is then saved in full)."
-        if _is_peft(self.lm):
-            self.lm = self.lm.merge_and_unload()
-            self.cfg = replace(self.cfg, lora=None)
-        return self
-
-    def gradient_checkpointing_enable(self, **kwargs):
-        kwargs.setdefault("gradient_checkpointing_kwargs", {"use_reentrant": False})
-        self.lm.gradient_checkpointing_enable(**kwargs)
-
-    # ---- save / load ----
-    def save_pretrained(self, save_dir, save_base: bool | None = None) -> Path:
-        """Write config JSON, projector safetensors, tokenizer, the LM (`lm/`, HF format) and LoRA (`adapter/`, peft).
-        `save_base=None`: the full LM is written unless it is a LoRA-wrapped pretrained LM (then only the adapter)."""
-        save_dir = Path(save_dir)
-        peft = _is_peft(self.lm)
-        if save_base is None:
-            save_base = not peft or self.cfg.lm_name_or_path is None
-        if not save_base and self.cfg.lm_name_or_path is None:
-            raise ValueError("a toy LM has no pretrained source: save_base=False would lose its weights")
-        save_dir.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=save_dir.parent, prefix=f".{save_dir.name}.tmp"))
-        meta = {"format": "vlm_rlaif.VideoLMM", "format_version": 1, "config": self.cfg.to_dict(),
-                "image_token_id": self.image_token_id, "vision_hidden_size": self.vision_dim,
-                "lm_dir": "lm" if save_base else None, "adapter_dir": "adapter" if peft else None}
-        (tmp / self.CONFIG_NAME).write_text(json.dumps(meta, indent=2))
-        save_file({k: v.detach().contiguous().cpu() for k, v in self.projector.state_dict().items()},
-                  tmp / self.PROJECTOR_NAME, metadata={"projector": self.cfg.projector})
-        self.tokenizer.save_pretrained(tmp)
-        if peft:
-            self.lm.save_pretrained(tmp / "adapter", save_embedding_layers=False)
-        if save_base:
-            base = self.lm.get_base_model() if peft else self.lm
-            sd = None
-            if peft:  # the base weights without the injected adapters
-                sd = {k.replace(".base_layer.", "."): v for k, v in base.state_dict().items() if "lora_" not in k}
-            base.save_pretrained(tmp / "lm", state_dict=sd)
-        _replace_dir(tmp, save_dir)
-        return save_dir
-
-    @classmethod
-    def from_pretrained(cls, load_dir, trainable: bool = False, dtype: str | None = None) -> VideoLMM:
-        "Load a `save_pretrained` directory; frozen and in eval mode unless `trainable`."
-        load_dir = Path(load_dir)
-        path = load_dir / cls.CONFIG_NAME
-        if not path.exists():
-            raise FileNotFoundError(f"{path} not found: {load_dir} is not a VideoLMM checkpoint")
-        try:
-            meta = json.loads(path.read_text())
-            cfg = ModelConfig.from_dict(meta["config"])
-        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
-            raise ValueError(f"{path}: unreadable VideoLMM config ({e})") from None
-        if dtype is not None:
-            cfg = replace(cfg, dtype=dtype)
-        tokenizer = AutoTokenizer.from_pretrained(load_dir)
-        if meta.get("lm_dir"):
-            extra = {"attn_implementation": cfg.attn_implementation} if cfg.attn_implementation else {}
-            lm = AutoModelForCausalLM.from_pretrained(load_dir / meta["lm_dir"], dtype=cfg.torch_dtype, **extra)
-        else:
-            lm, _ = load_lm(cfg, tokenizer)
-        prepare_tokenizer_and_embeddings(tokenizer, lm)
-        model = cls(cfg, lm, tokenizer)
-        if model.image_token_id != meta["image_token_id"]:
-            raise ValueError(f"{path}: {IMAGE_TOKEN} id {model.image_token_id} != saved {meta['image_token_id']}")
-        load_projector_weights(model.projector, load_dir / cls.PROJECTOR_NAME)
-        if meta.get("adapter_dir"):
-            from peft import PeftModel
-            model.lm = PeftModel.from_pretrained(lm, load_dir / meta["adapter_dir"], is_trainable=trainable)
-        if trainable:
-            return model.set_trainable(lm=True, projector=cfg.lora.train_projector if cfg.lora else True).train()
-        return model.set_trainable(lm=False, projector=False).eval()
+# %% ../nbs/03_model.ipynb #cd424831
+@patch
+def build_inputs(self: VideoLMM, input_ids, attention_mask=None, video_feats=None, labels=None) -> dict:
+    "LM inputs with visual tokens spliced in: `inputs_embeds, attention_mask, position_ids[, labels]`."
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    if video_feats is None:  # text only (e.g. a judge prompt without video)
+        if (input_ids == self.image_token_id).any():
+            raise ValueError(f"input_ids contain {IMAGE_TOKEN} but no video_feats were given")
+        embeds = self.lm.get_input_embeddings()(input_ids)
+    else:
+        if video_feats.shape[0] != input_ids.shape[0]:
+            raise ValueError(f"batch size mismatch: {input_ids.shape[0]} prompts, {video_feats.shape[0]} videos")
+        vis = self.embed_video(video_feats)
+        ex = expand_image_tokens(input_ids, self.image_token_id, vis.shape[1], attention_mask, labels)
+        ids, attention_mask, labels = ex["input_ids"], ex["attention_mask"], ex["labels"]
+        embeds = self.lm.get_input_embeddings()(ids)
+        slots = (ids == self.image_token_id).unsqueeze(-1).expand_as(embeds)
+        embeds = embeds.masked_scatter(slots, vis.to(embeds.dtype))
+    position_ids = (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)
+    out = {"inputs_embeds": embeds, "attention_mask": attention_mask, "position_ids": position_ids}
+    if labels is not None:
+        out["labels"] = labels
+    return out
 
 # %% ../nbs/03_model.ipynb #4a83310a
+def build_model(cfg: ModelConfig, tokenizer=None) -> VideoLMM:
+    "Build the VideoLMM described by `cfg` (toy LMs need the `tokenizer`); LoRA is added when `cfg.lora` is set."
+    lm, tokenizer = load_lm(cfg, tokenizer)
+    prepare_tokenizer_and_embeddings(tokenizer, lm)
+    model = VideoLMM(replace(cfg, lora=None), lm, tokenizer)
+    if cfg.projector_path:
+        load_projector_weights(model.projector, cfg.projector_path)
+    return add_lora(model, cfg.lora) if cfg.lora is not None else model
+
+# %% ../nbs/03_model.ipynb #6461005e
+@patch
+@torch.no_grad()
+def generate(self: VideoLMM, input_ids, attention_mask=None, video_feats=None, max_new_tokens: int = 128,
+             do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
+             **gen_kwargs) -> torch.Tensor:
+    "Sample or greedily decode answers (HF generate, KV cache); returns only the new tokens, pad after EOS."
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    input_ids, attention_mask = left_pad(input_ids, attention_mask)  # generation appends on the right
+    inputs = self.build_inputs(input_ids, attention_mask, video_feats)
+    tok = self.tokenizer
+    kw = dict(max_new_tokens=max_new_tokens, do_sample=do_sample, eos_token_id=tok.eos_token_id,
+              pad_token_id=tok.pad_token_id, suppress_tokens=[self.image_token_id])
+    if do_sample:  # pure temperature / nucleus sampling: top_k=0 switches off HF's default top-k of 50
+        kw.update(temperature=temperature, top_p=top_p, top_k=top_k)
+    kw.update(gen_kwargs)
+    return self.lm.generate(inputs_embeds=inputs["inputs_embeds"], attention_mask=inputs["attention_mask"], **kw)
+
+# %% ../nbs/03_model.ipynb #f6641ed9
+@patch
+def set_trainable(self: VideoLMM, lm: bool = True, projector: bool = True) -> VideoLMM:
+    "Freeze/unfreeze the LM (only its LoRA adapters when peft-wrapped) and the projector."
+    if _is_peft(self.lm):
+        for n, p in self.lm.named_parameters():
+            p.requires_grad_(lm and "lora_" in n)
+    else:
+        self.lm.requires_grad_(lm)
+    self.projector.requires_grad_(projector)
+    return self
+
+
+@patch
+def parameter_counts(self: VideoLMM) -> dict:
+    "Total and trainable parameter counts, overall and for the LM and projector."
+    def cnt(ps, train=False): return sum(p.numel() for p in ps if p.requires_grad or not train)
+    return {"total": cnt(self.parameters()), "trainable": cnt(self.parameters(), True),
+            "lm_trainable": cnt(self.lm.parameters(), True), "projector": cnt(self.projector.parameters())}
+
+
+@patch
+def gradient_checkpointing_enable(self: VideoLMM, **kwargs):
+    kwargs.setdefault("gradient_checkpointing_kwargs", {"use_reentrant": False})
+    self.lm.gradient_checkpointing_enable(**kwargs)
+
+# %% ../nbs/03_model.ipynb #a186caee
 def add_lora(model: VideoLMM, settings: LoraSettings | None = None) -> VideoLMM:
     "Wrap `model.lm` with peft LoRA adapters; only they (and the projector, if `train_projector`) stay trainable."
     from peft import LoraConfig, get_peft_model
@@ -490,15 +441,14 @@ def add_lora(model: VideoLMM, settings: LoraSettings | None = None) -> VideoLMM:
     model.cfg = replace(model.cfg, lora=settings)
     return model.set_trainable(lm=True, projector=settings.train_projector)
 
-
-def build_model(cfg: ModelConfig, tokenizer=None) -> VideoLMM:
-    "Build the VideoLMM described by `cfg` (toy LMs need the `tokenizer`); LoRA is added when `cfg.lora` is set."
-    lm, tokenizer = load_lm(cfg, tokenizer)
-    prepare_tokenizer_and_embeddings(tokenizer, lm)
-    model = VideoLMM(replace(cfg, lora=None), lm, tokenizer)
-    if cfg.projector_path:
-        load_projector_weights(model.projector, cfg.projector_path)
-    return add_lora(model, cfg.lora) if cfg.lora is not None else model
+# %% ../nbs/03_model.ipynb #b473835d
+@patch
+def merge_lora(self: VideoLMM) -> VideoLMM:
+    "Fold the LoRA adapters into the LM weights (the LM is then saved in full)."
+    if _is_peft(self.lm):
+        self.lm = self.lm.merge_and_unload()
+        self.cfg = replace(self.cfg, lora=None)
+    return self
 
 # %% ../nbs/03_model.ipynb #b3b5299f
 def _replace_dir(tmp: Path, dest: Path):
@@ -510,3 +460,67 @@ def _replace_dir(tmp: Path, dest: Path):
         shutil.rmtree(old)
     else:
         os.replace(tmp, dest)
+
+# %% ../nbs/03_model.ipynb #0e521a5f
+@patch
+def save_pretrained(self: VideoLMM, save_dir, save_base: bool | None = None) -> Path:
+    """Write config JSON, projector safetensors, tokenizer, the LM (`lm/`, HF format) and LoRA (`adapter/`, peft).
+    `save_base=None`: the full LM is written unless it is a LoRA-wrapped pretrained LM (then only the adapter)."""
+    save_dir = Path(save_dir)
+    peft = _is_peft(self.lm)
+    if save_base is None:
+        save_base = not peft or self.cfg.lm_name_or_path is None
+    if not save_base and self.cfg.lm_name_or_path is None:
+        raise ValueError("a toy LM has no pretrained source: save_base=False would lose its weights")
+    save_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=save_dir.parent, prefix=f".{save_dir.name}.tmp"))
+    meta = {"format": "vlm_rlaif.VideoLMM", "format_version": 1, "config": self.cfg.to_dict(),
+            "image_token_id": self.image_token_id, "vision_hidden_size": self.vision_dim,
+            "lm_dir": "lm" if save_base else None, "adapter_dir": "adapter" if peft else None}
+    (tmp / self.CONFIG_NAME).write_text(json.dumps(meta, indent=2))
+    save_file({k: v.detach().contiguous().cpu() for k, v in self.projector.state_dict().items()},
+              tmp / self.PROJECTOR_NAME, metadata={"projector": self.cfg.projector})
+    self.tokenizer.save_pretrained(tmp)
+    if peft:
+        self.lm.save_pretrained(tmp / "adapter", save_embedding_layers=False)
+    if save_base:
+        base = self.lm.get_base_model() if peft else self.lm
+        sd = None
+        if peft:  # the base weights without the injected adapters
+            sd = {k.replace(".base_layer.", "."): v for k, v in base.state_dict().items() if "lora_" not in k}
+        base.save_pretrained(tmp / "lm", state_dict=sd)
+    _replace_dir(tmp, save_dir)
+    return save_dir
+
+# %% ../nbs/03_model.ipynb #f40275be
+@patch(cls_method=True)
+def from_pretrained(cls: VideoLMM, load_dir, trainable: bool = False, dtype: str | None = None) -> VideoLMM:
+    "Load a `save_pretrained` directory; frozen and in eval mode unless `trainable`."
+    load_dir = Path(load_dir)
+    path = load_dir / cls.CONFIG_NAME
+    if not path.exists():
+        raise FileNotFoundError(f"{path} not found: {load_dir} is not a VideoLMM checkpoint")
+    try:
+        meta = json.loads(path.read_text())
+        cfg = ModelConfig.from_dict(meta["config"])
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"{path}: unreadable VideoLMM config ({e})") from None
+    if dtype is not None:
+        cfg = replace(cfg, dtype=dtype)
+    tokenizer = AutoTokenizer.from_pretrained(load_dir)
+    if meta.get("lm_dir"):
+        extra = {"attn_implementation": cfg.attn_implementation} if cfg.attn_implementation else {}
+        lm = AutoModelForCausalLM.from_pretrained(load_dir / meta["lm_dir"], dtype=cfg.torch_dtype, **extra)
+    else:
+        lm, _ = load_lm(cfg, tokenizer)
+    prepare_tokenizer_and_embeddings(tokenizer, lm)
+    model = cls(cfg, lm, tokenizer)
+    if model.image_token_id != meta["image_token_id"]:
+        raise ValueError(f"{path}: {IMAGE_TOKEN} id {model.image_token_id} != saved {meta['image_token_id']}")
+    load_projector_weights(model.projector, load_dir / cls.PROJECTOR_NAME)
+    if meta.get("adapter_dir"):
+        from peft import PeftModel
+        model.lm = PeftModel.from_pretrained(lm, load_dir / meta["adapter_dir"], is_trainable=trainable)
+    if trainable:
+        return model.set_trainable(lm=True, projector=cfg.lora.train_projector if cfg.lora else True).train()
+    return model.set_trainable(lm=False, projector=False).eval()
