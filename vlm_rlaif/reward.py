@@ -201,10 +201,11 @@ def check_same_tokenizer(tokenizer, other, what: str = "the reward model", of: s
     a, b = tokenizer.get_vocab(), other.get_vocab()
     if a == b and tokenizer.eos_token_id == other.eos_token_id: return
     diff = sorted({t for t in set(a) | set(b) if a.get(t) != b.get(t)}, key=lambda t: (min(a.get(t, 1e9), b.get(t, 1e9)), t))
-    eg = ", ".join(f"{t!r}: {a.get(t)} vs {b.get(t)}" for t in diff[:3])
-    raise ValueError(f"{what}'s tokenizer differs from {of}'s ({len(b)} vs {len(a)} tokens, {len(diff)} differ, e.g. {eg}; "
-                     f"EOS id {other.eos_token_id} vs {tokenizer.eos_token_id}): the reward is read on {of}'s token ids, "
-                     "so both must use one tokenizer (e.g. an RM of another size from the same model family)")
+    eg = ", ".join(f"{t!r}: {b.get(t)} vs {a.get(t)}" for t in diff[:3])
+    eos = f"; EOS id {other.eos_token_id} vs {tokenizer.eos_token_id}" if other.eos_token_id != tokenizer.eos_token_id else ""
+    raise ValueError(f"{what}'s tokenizer differs from {of}'s ({len(b)} vs {len(a)} tokens, {len(diff)} ids differ, e.g. "
+                     f"{eg}{eos}): the reward model reads the policy's token ids, so both must use one tokenizer (e.g. "
+                     "an RM of another size from the same model family)")
 
 # %% ../nbs/07_reward.ipynb #7f19e746
 def bt_loss(r_chosen: torch.Tensor, r_rejected: torch.Tensor, center_coef: float = 1e-3) -> tuple[torch.Tensor, dict]:
