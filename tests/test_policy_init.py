@@ -196,6 +196,21 @@ def test_tokenizer_mismatch_is_a_clear_error(world, tmp_path):
         train_ppo(cfg, tmp_path / "ppo")
 
 
+def test_ppo_refuses_a_reward_model_of_other_video_features(world, tmp_path):
+    from transformers import AutoTokenizer
+    from vlm_rlaif.encoder import toy_encoder_config
+    from vlm_rlaif.model import ModelConfig
+    from vlm_rlaif.ppo import PPOConfig, train_ppo
+    from vlm_rlaif.reward import RewardModel
+    tok = AutoTokenizer.from_pretrained(world["root"] / "sft")
+    RewardModel.from_config(ModelConfig(lm_config=TINY_LM, encoder=toy_encoder_config(n_frames=8), lora=None),
+                            tok).save_pretrained(tmp_path / "rm8")
+    cfg = PPOConfig.from_dict(dict(PPO, sft_model_dir=str(world["root"] / "sft"), reward_model_dir=str(tmp_path / "rm8"),
+                                   prompts=str(world["data"] / "train_sft.json"), features_dir=str(world["root"] / "features"),
+                                   data_root=str(world["data"]), encoder=world["enc"].to_dict()))
+    with pytest.raises(ValueError, match=r"other video features .*'n_frames': \(8, 16\)"): train_ppo(cfg, tmp_path / "ppo")
+
+
 def test_paper_config_names_the_original_init_and_models():
     from vlm_rlaif.pipeline import check_config, load_config
     cfg = load_config(REPO / "configs" / "paper_7b.yaml")

@@ -566,10 +566,11 @@ def train_ppo(cfg: PPOConfig, out_dir, policy: VideoLMM | None = None, reward_mo
         reward_model = RewardModel.from_pretrained(cfg.reward_model_dir, trainable=False)
     rm = reward_model.requires_grad_(False).eval().to(acc.device)
     tok = policy.tokenizer
-    from vlm_rlaif.reward import check_same_tokenizer  # PPO passes the policy's token ids to the RM
-    check_same_tokenizer(tok, getattr(rm, "tokenizer", tok), f"the reward model ({cfg.reward_model_dir or 'given'})",
-                         f"the policy ({cfg.sft_model_dir or 'given'})")
+    from vlm_rlaif.reward import check_same_encoder, check_same_tokenizer  # the RM reads the policy's ids and features
+    names = f"the reward model ({cfg.reward_model_dir or 'given'})", f"the policy ({cfg.sft_model_dir or 'given'})"
+    check_same_tokenizer(tok, getattr(rm, "tokenizer", tok), *names)
     enc = EncoderConfig.from_dict(cfg.encoder) if cfg.encoder else policy.cfg.encoder
+    if hasattr(rm, "backbone"): check_same_encoder(enc, rm.backbone.cfg.encoder, *names)
     features = FeatureCache(cfg.features_dir, enc)
     records = load_records(cfg.prompts, "rl", root=cfg.data_root)
     ds = PromptDataset(records, tok, features, root=cfg.data_root, max_length=cfg.max_prompt_length)

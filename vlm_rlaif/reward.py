@@ -29,9 +29,10 @@ from .model import LoraSettings, ModelConfig, VideoLMM, _is_peft, _replace_dir, 
 
 # %% auto #0
 __all__ = ['REWARD_PROMPT', 'SEED_REWARD_PROMPT', 'CONTEXT_CLAUSE', 'PAPER_RM_LORA', 'CORRUPTIONS', 'RM_SCHEDULES',
-           'TOY_REWARD_PROMPT', 'rm_prompt', 'last_token_index', 'RewardModel', 'check_same_tokenizer', 'bt_loss',
-           'corrupt_answer', 'clip_context', 'toy_preference_records', 'noisy_labels', 'RewardConfig', 'pair_rewards',
-           'evaluate_rm', 'accuracy_against', 'rm_scheduler', 'train_reward', 'toy_rm_experiment']
+           'TOY_REWARD_PROMPT', 'rm_prompt', 'last_token_index', 'RewardModel', 'check_same_tokenizer',
+           'check_same_encoder', 'bt_loss', 'corrupt_answer', 'clip_context', 'toy_preference_records', 'noisy_labels',
+           'RewardConfig', 'pair_rewards', 'evaluate_rm', 'accuracy_against', 'rm_scheduler', 'train_reward',
+           'toy_rm_experiment']
 
 # %% ../nbs/07_reward.ipynb #7fa8b3ed
 _CRITERIA = (
@@ -206,6 +207,20 @@ def check_same_tokenizer(tokenizer, other, what: str = "the reward model", of: s
     raise ValueError(f"{what}'s tokenizer differs from {of}'s ({len(b)} vs {len(a)} tokens, {len(diff)} ids differ, e.g. "
                      f"{eg}{eos}): the reward model reads the policy's token ids, so both must use one tokenizer (e.g. "
                      "an RM of another size from the same model family)")
+
+
+def check_same_encoder(encoder_cfg: EncoderConfig, other: EncoderConfig, what: str = "the reward model",
+                       of: str = "the policy") -> None:
+    """A ValueError unless `other` (e.g. the RM backbone's vision encoder) makes the same features as `encoder_cfg` (the
+    features PPO reads and hands to both models); a pretrained tower file counts by its name, not its folder."""
+    def norm(c):
+        d = c.to_dict()
+        if isinstance(d.get("pretrained"), str) and os.sep in d["pretrained"]: d["pretrained"] = Path(d["pretrained"]).name
+        return d
+    a, b = norm(encoder_cfg), norm(other)
+    bad = {k: (b.get(k), a.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)}
+    if bad: raise ValueError(f"{what} was trained on other video features than {of} reads ({bad}, {what}'s first): "
+                             "both read the same cached features, so they need one vision encoder")
 
 # %% ../nbs/07_reward.ipynb #7f19e746
 def bt_loss(r_chosen: torch.Tensor, r_rejected: torch.Tensor, center_coef: float = 1e-3) -> tuple[torch.Tensor, dict]:
