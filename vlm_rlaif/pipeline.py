@@ -16,16 +16,19 @@ from .config import Config
 
 # %% auto #0
 __all__ = ['STAGES', 'SHARED_STAGES', 'RECORD_STAGES', 'IGNORED_CHANGES', 'ADDED_SECTIONS', 'JUDGE_RECORD_KEYS',
-           'FEEDBACK_JUDGES', 'SYSTEMS', 'REPORT_SECTIONS', 'STAGE_CONFIGS', 'STAGE_FNS', 'PipelineConfig', 'yaml_load',
-           'apply_overrides', 'load_config', 'Run', 'stage_toyworld', 'stage_tower', 'dataset_videos', 'stage_features',
-           'check_data', 'run_stage', 'config_changes', 'check_run_config', 'run_pipeline', 'sft_config',
-           'write_judge_records', 'stage_sft', 'feedback_config', 'stage_feedback', 'preference_inputs',
-           'reward_config', 'stage_reward', 'rollout_inputs', 'ppo_config', 'toy_gold_monitor', 'stage_ppo',
-           'dpo_config', 'stage_dpo', 'grpo_config', 'stage_grpo', 'eval_config', 'stage_eval', 'plot_overoptimisation',
-           'paired_differences', 'build_report', 'stage_report', 'check_config']
+           'FEEDBACK_JUDGES', 'PPO_INIT_FILE', 'POLICY_INIT_LORA', 'SYSTEMS', 'REPORT_SECTIONS', 'STAGE_CONFIGS',
+           'OPTIONAL_SECTIONS', 'STAGE_FNS', 'PipelineConfig', 'yaml_load', 'apply_overrides', 'load_config', 'Run',
+           'stage_toyworld', 'stage_tower', 'dataset_videos', 'stage_features', 'check_data', 'run_stage',
+           'config_changes', 'check_run_config', 'run_pipeline', 'sft_config', 'write_judge_records', 'stage_sft',
+           'feedback_config', 'stage_feedback', 'preference_inputs', 'reward_config', 'stage_reward',
+           'policy_init_file', 'write_toy_ppo_init', 'policy_init_config', 'stage_policy_init', 'policy_start',
+           'rollout_inputs', 'ppo_config', 'toy_gold_monitor', 'stage_ppo', 'dpo_config', 'stage_dpo', 'grpo_config',
+           'stage_grpo', 'eval_config', 'stage_eval', 'plot_overoptimisation', 'paired_differences', 'build_report',
+           'stage_report', 'check_config']
 
 # %% ../nbs/10_pipeline.ipynb #705fe082
-STAGES = ("toyworld", "tower", "features", "sft", "feedback", "reward", "ppo", "dpo", "grpo", "eval", "report")
+STAGES = ("toyworld", "tower", "features", "sft", "feedback", "reward", "policy_init", "ppo", "dpo", "grpo", "eval",
+          "report")
 
 
 @dataclass
@@ -40,6 +43,9 @@ class PipelineConfig(Config):
     sft: dict = field(default_factory=dict)
     feedback: dict = field(default_factory=dict)
     reward: dict = field(default_factory=dict)
+    # SFTConfig overrides of the policy-init model (a new LoRA on the SFT model: the original's PPO start and
+    # reference); None: PPO and GRPO start from the SFT model
+    policy_init: dict | None = None
     ppo: dict = field(default_factory=dict)
     dpo: dict | None = field(default_factory=dict)  # None: no DPO baseline
     grpo: dict | None = None  # GRPOConfig overrides (08c_grpo: critic-free GRPO / RLOO); None: no such stage
@@ -201,10 +207,10 @@ def stage_features(run: Run, progress: bool = True) -> dict:
     return dict(videos=len(videos), **counts)
 
 # %% ../nbs/10_pipeline.ipynb #c037af0e
-SHARED_STAGES = ("features", "sft", "feedback", "reward", "ppo", "dpo", "grpo", "eval")  # run by every process of an `accelerate launch`
+SHARED_STAGES = ("features", "sft", "feedback", "reward", "policy_init", "ppo", "dpo", "grpo", "eval")  # run by every process of an `accelerate launch`
 
 
-RECORD_STAGES = ("sft", "feedback", "reward", "ppo", "dpo", "grpo", "eval")  # read the instruction files: checked first
+RECORD_STAGES = ("sft", "feedback", "reward", "policy_init", "ppo", "dpo", "grpo", "eval")  # read the instruction files: checked first
 
 
 def check_data(run: Run) -> int:
@@ -255,7 +261,7 @@ def config_changes(old: dict, new: dict, prefix: str = "") -> dict:
 
 
 IGNORED_CHANGES = ("stages",)  # which stages to run does not change what the run holds
-ADDED_SECTIONS = ("grpo",)  # sections newer than some run directories: absent there means "not set"
+ADDED_SECTIONS = ("grpo", "policy_init")  # sections newer than some run directories: absent there means "not set"
 
 
 def check_run_config(cfg: PipelineConfig, out_dir) -> bool:
@@ -448,9 +454,70 @@ def stage_reward(run: Run, progress: bool = True) -> dict:
     return dict(val_accuracy=ev.get("accuracy"), n_val=ev.get("n"))
 
 # %% ../nbs/10_pipeline.ipynb #9285a4af
+PPO_INIT_FILE = "PPO_init.json"  # the original's policy-init instructions (under data_dir)
+# the original's policy-init LoRA is r=64 with a cosine schedule; alpha, dropout and targets are not in our notes of it
+POLICY_INIT_LORA = dict(r=64, alpha=16, dropout=0.05, target_modules="all-linear", train_projector=False)
+
+
+def policy_init_file(run: Run) -> Path:
+    """The policy-init instructions: `data_dir/PPO_init.json` (the original's file) when the data has one or is not
+    the toy world's; the toy world has no such split, so `policy_init/ppo_init.json` (`write_toy_ppo_init`)."""
+    p = run.data_dir / PPO_INIT_FILE
+    return p if run.cfg.toyworld is None or p.exists() else run.dir("policy_init") / "ppo_init.json"
+
+
+def write_toy_ppo_init(run: Run) -> Path:
+    """Toy world: the policy-init instructions are the training records (`train_sft.json`) that no feedback prompt uses
+    (`feedback.select_prompts` of the run's feedback config: the same seeded choice); the test split is never read."""
+    from vlm_rlaif.data import save_records
+    from vlm_rlaif.feedback import select_prompts
+    used = {r["id"] for r in select_prompts(feedback_config(run))}
+    recs = [r for r in json.loads((run.data_dir / "train_sft.json").read_text()) if r["id"] not in used]
+    if not recs: raise ValueError(f"policy_init: every record of {run.data_dir / 'train_sft.json'} is a feedback prompt; "
+                                  "lower feedback.n_prompts or give policy_init.train_files")
+    return save_records(recs, policy_init_file(run))
+
+
+def policy_init_config(run: Run):
+    """SFTConfig of the policy-init stage: the `policy_init` section + a new LoRA (`POLICY_INIT_LORA` unless the section
+    sets `lora`) on the SFT model, trained on `policy_init_file` in one mixed stage with SFT's cosine schedule."""
+    from vlm_rlaif.sft import SFTConfig
+    d = _section(run, "policy_init", data_dir=str(run.data_dir), features_dir=str(run.features_dir),
+                 init_model_dir=str(run.dir("sft") / "model"), curriculum=False, lora=dict(POLICY_INIT_LORA),
+                 train_files=[str(policy_init_file(run).resolve())])
+    return SFTConfig.from_dict(d)
+
+
+def stage_policy_init(run: Run, progress: bool = True) -> dict:
+    """The policy-init model (05_sft's loop with a new LoRA on the SFT model): PPO's and GRPO's start and frozen
+    reference, as in the original. Writes `policy_init/model` (the SFT weights whole + the LoRA as a PEFT adapter)."""
+    from vlm_rlaif.sft import train_sft
+    from vlm_rlaif.training import read_metrics
+    if run.cfg.policy_init is None: return dict(skipped="no policy_init section")
+    cfg = policy_init_config(run)
+    toy_file = run.dir("policy_init") / "ppo_init.json"
+    if cfg.train_files == [str(toy_file.resolve())] and not toy_file.exists(): write_toy_ppo_init(run)
+    out = train_sft(cfg, run.dir("policy_init"), progress=progress)
+    m = [r for r in read_metrics(out / "metrics.jsonl") if "loss" in r]
+    return dict(steps=m[-1].get("step") if m else None, final_loss=round(m[-1]["loss"], 4) if m else None)
+
+
+def policy_start(run: Run) -> Path:
+    "The model PPO and GRPO start from, and keep as their reference: the policy-init model if configured, else SFT's."
+    return run.dir("policy_init" if run.cfg.policy_init is not None else "sft") / "model"
+
+
+def _needs_policy_init(run: Run, stage: str):
+    if run.cfg.policy_init is not None and not (run.dir("policy_init") / "done.json").exists():
+        raise RuntimeError(f"{stage}: the config has a policy_init section, so {stage} starts from the policy-init model, "
+                           "but that stage has not run: put policy_init before it in `stages` (or run `vlm-rlaif "
+                           "policy_init` first)")
+
+
 def rollout_inputs(run: Run) -> dict:
-    "What a policy trained on its own rollouts reads (PPO, GRPO): the SFT model, the RM, the prompts and their features."
-    return dict(sft_model_dir=str(run.dir("sft") / "model"), reward_model_dir=str(run.dir("reward") / "model"),
+    """What a policy trained on its own rollouts reads (PPO, GRPO): its start (`policy_start`), the RM, the prompts and
+    their features."""
+    return dict(sft_model_dir=str(policy_start(run)), reward_model_dir=str(run.dir("reward") / "model"),
                 prompts=str(run.data_dir / "train_sft.json"), features_dir=str(run.features_dir),
                 data_root=str(run.data_dir), encoder=run.encoder_dict())
 
@@ -472,6 +539,7 @@ def stage_ppo(run: Run, progress: bool = True) -> dict:
     "PPO against the reward model (08_ppo); toy world: the rollouts' exact quality is logged beside the RM score."
     from dataclasses import replace
     from vlm_rlaif.ppo import train_ppo
+    _needs_policy_init(run, "ppo")
     monitor = toy_gold_monitor(run.data_dir) if run.cfg.toyworld is not None else None
     train_ppo(replace(ppo_config(run), progress=progress), run.dir("ppo"), monitor_fn=monitor)
     return {}
@@ -502,6 +570,7 @@ def stage_grpo(run: Run, progress: bool = True) -> dict:
     from dataclasses import replace
     from vlm_rlaif.grpo import train_grpo
     if run.cfg.grpo is None: return dict(skipped="no grpo section")
+    _needs_policy_init(run, "grpo")
     monitor = toy_gold_monitor(run.data_dir) if run.cfg.toyworld is not None else None
     train_grpo(replace(grpo_config(run), progress=progress), run.dir("grpo"), monitor_fn=monitor)
     return {}
@@ -729,8 +798,9 @@ REPORT_SECTIONS = [("Data", _section_data), ("SFT", _section_sft), ("AI feedback
                    ("Wall time per stage", lambda run, figdir: _timings_table(run))]
 
 # %% ../nbs/10_pipeline.ipynb #559d0372
-STAGE_CONFIGS = dict(sft=sft_config, feedback=feedback_config, reward=reward_config, ppo=ppo_config, dpo=dpo_config,
-                     grpo=grpo_config, eval=eval_config)
+STAGE_CONFIGS = dict(sft=sft_config, feedback=feedback_config, reward=reward_config, policy_init=policy_init_config,
+                     ppo=ppo_config, dpo=dpo_config, grpo=grpo_config, eval=eval_config)
+OPTIONAL_SECTIONS = ("policy_init", "dpo", "grpo")  # stages whose section may be None (the stage is then off)
 
 
 def check_config(cfg: PipelineConfig, out_dir="/tmp/vlm-rlaif-check") -> dict:
@@ -750,11 +820,11 @@ def check_config(cfg: PipelineConfig, out_dir="/tmp/vlm-rlaif-check") -> dict:
         build("tower_pretrain", lambda: TowerPretrainConfig(**check_fields(TowerPretrainConfig, cfg.tower_pretrain)))
     build("encoder", run.encoder_config)
     for s in STAGE_CONFIGS:  # every section, also of stages this config does not run (a typo is a typo)
-        if not (s in ("dpo", "grpo") and getattr(cfg, s) is None): out[s] = build(s, lambda: STAGE_CONFIGS[s](run))
+        if not (s in OPTIONAL_SECTIONS and getattr(cfg, s) is None): out[s] = build(s, lambda: STAGE_CONFIGS[s](run))
     if "sft" in out and out["sft"].model is not None: build("model", lambda: ModelConfig.from_dict(dict(out["sft"].model)))
     return out
 
 
 STAGE_FNS = dict(toyworld=stage_toyworld, tower=stage_tower, features=stage_features, sft=stage_sft,
-                 feedback=stage_feedback, reward=stage_reward, ppo=stage_ppo, dpo=stage_dpo, grpo=stage_grpo, eval=stage_eval,
-                 report=stage_report)
+                 feedback=stage_feedback, reward=stage_reward, policy_init=stage_policy_init, ppo=stage_ppo, dpo=stage_dpo,
+                 grpo=stage_grpo, eval=stage_eval, report=stage_report)

@@ -40,7 +40,7 @@ PLACEMENTS = ("last_token", "last_slot")
 @dataclass
 class PPOConfig(Config):
     "PPO stage: input paths and hyper-parameters (defaults: the paper's PPO settings)."
-    sft_model_dir: str = ""  # VideoLMM dir of the SFT (policy-init) model; its weights are also the reference
+    sft_model_dir: str = ""  # VideoLMM dir PPO starts from (the SFT or the policy-init model); its weights are the reference
     reward_model_dir: str = ""  # RewardModel dir (frozen; its backbone also carries the value head)
     prompts: str = ""  # RL records (.json/.jsonl): first human turn + video
     features_dir: str = ""  # FeatureCache root
@@ -242,8 +242,9 @@ class KLController:
 
 # %% ../nbs/08_ppo.ipynb #abc43a72
 def load_policy(sft_model_dir, lora: LoraSettings | dict | None = None) -> VideoLMM:
-    """The PPO/DPO policy: the SFT VideoLMM with its own LoRA merged (these weights are the reference) plus a fresh
-    trainable LoRA (projector frozen: it is shared with the reference). Eval mode: no dropout."""
+    """The PPO/DPO policy: the VideoLMM of `sft_model_dir` (the SFT model, or the policy-init model: SFT weights + the
+    policy-init LoRA) with its LoRA merged (these weights are the start and the reference) plus a fresh trainable
+    LoRA (projector frozen: it is shared with the reference). Eval mode: no dropout."""
     if isinstance(lora, dict): lora = LoraSettings(**lora)
     lora = lora or LoraSettings(dropout=0.0)
     if lora.train_projector:
@@ -565,10 +566,11 @@ def train_ppo(cfg: PPOConfig, out_dir, policy: VideoLMM | None = None, reward_mo
         reward_model = RewardModel.from_pretrained(cfg.reward_model_dir, trainable=False)
     rm = reward_model.requires_grad_(False).eval().to(acc.device)
     tok = policy.tokenizer
-    rm_tok = getattr(rm, "tokenizer", tok)
-    if rm_tok.get_vocab() != tok.get_vocab():
-        raise ValueError("the reward model and the policy use different tokenizers; PPO passes token ids between them")
+    from vlm_rlaif.reward import check_same_encoder, check_same_tokenizer  # the RM reads the policy's ids and features
+    names = f"the reward model ({cfg.reward_model_dir or 'given'})", f"the policy ({cfg.sft_model_dir or 'given'})"
+    check_same_tokenizer(tok, getattr(rm, "tokenizer", tok), *names)
     enc = EncoderConfig.from_dict(cfg.encoder) if cfg.encoder else policy.cfg.encoder
+    if hasattr(rm, "backbone"): check_same_encoder(enc, rm.backbone.cfg.encoder, *names)
     features = FeatureCache(cfg.features_dir, enc)
     records = load_records(cfg.prompts, "rl", root=cfg.data_root)
     ds = PromptDataset(records, tok, features, root=cfg.data_root, max_length=cfg.max_prompt_length)

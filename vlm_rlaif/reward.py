@@ -12,7 +12,7 @@ import random
 import re
 import shutil
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -25,13 +25,14 @@ from tqdm.auto import tqdm
 from .config import Config
 from .data import Collator, PairwiseDataset, load_records
 from .encoder import EncoderConfig, FeatureCache
-from .model import LoraSettings, VideoLMM, _is_peft, _replace_dir, add_lora
+from .model import LoraSettings, ModelConfig, VideoLMM, _is_peft, _replace_dir, add_lora
 
 # %% auto #0
 __all__ = ['REWARD_PROMPT', 'SEED_REWARD_PROMPT', 'CONTEXT_CLAUSE', 'PAPER_RM_LORA', 'CORRUPTIONS', 'RM_SCHEDULES',
-           'TOY_REWARD_PROMPT', 'rm_prompt', 'last_token_index', 'RewardModel', 'bt_loss', 'corrupt_answer',
-           'clip_context', 'toy_preference_records', 'noisy_labels', 'RewardConfig', 'pair_rewards', 'evaluate_rm',
-           'accuracy_against', 'rm_scheduler', 'train_reward', 'toy_rm_experiment']
+           'TOY_REWARD_PROMPT', 'rm_prompt', 'last_token_index', 'RewardModel', 'check_same_tokenizer',
+           'check_same_encoder', 'bt_loss', 'corrupt_answer', 'clip_context', 'toy_preference_records', 'noisy_labels',
+           'RewardConfig', 'pair_rewards', 'evaluate_rm', 'accuracy_against', 'rm_scheduler', 'train_reward',
+           'toy_rm_experiment']
 
 # %% ../nbs/07_reward.ipynb #7fa8b3ed
 _CRITERIA = (
@@ -139,6 +140,20 @@ class RewardModel(nn.Module):
             model = cls(backbone, save_base=True if merged else None)
         return model.set_trainable(True).train()
 
+    @classmethod
+    def from_config(cls, model_cfg: ModelConfig, tokenizer=None, lora: LoraSettings | None = None,
+                    seed: int = 0) -> RewardModel:
+        """A fresh RM whose backbone is built from `model_cfg` (its own LM, e.g. a 13B one for a 7B policy; `lora` as in
+        `from_sft`). A toy LM (`lm_config`) is built on `tokenizer` (the policy's); a pretrained LM brings its own,
+        which must then equal the policy's (`check_same_tokenizer`)."""
+        from vlm_rlaif.model import build_model
+        backbone = build_model(replace(model_cfg, lora=None), tokenizer if model_cfg.lm_config is not None else None)
+        if lora is not None: add_lora(backbone, lora)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = cls(backbone)
+        return model.set_trainable(True).train()
+
     def save_pretrained(self, save_dir) -> Path:
         "Write `backbone/` (a `VideoLMM` directory), the head (safetensors) and `reward_config.json`, atomically."
         save_dir = Path(save_dir)
@@ -179,6 +194,33 @@ class RewardModel(nn.Module):
 # %% ../nbs/07_reward.ipynb #7d89affd
 PAPER_RM_LORA = dict(r=64, alpha=16, dropout=0.05, train_projector=False,
                      target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+
+# %% ../nbs/07_reward.ipynb #1c74a2a9
+def check_same_tokenizer(tokenizer, other, what: str = "the reward model", of: str = "the policy") -> None:
+    """A ValueError unless `other` (e.g. the RM's tokenizer) maps every token to the same id as `tokenizer` (the
+    policy's) and has the same EOS: the RM is fed the policy's token ids. `what` / `of` name the two in the message."""
+    a, b = tokenizer.get_vocab(), other.get_vocab()
+    if a == b and tokenizer.eos_token_id == other.eos_token_id: return
+    diff = sorted({t for t in set(a) | set(b) if a.get(t) != b.get(t)}, key=lambda t: (min(a.get(t, 1e9), b.get(t, 1e9)), t))
+    eg = ", ".join(f"{t!r}: {b.get(t)} vs {a.get(t)}" for t in diff[:3])
+    eos = f"; EOS id {other.eos_token_id} vs {tokenizer.eos_token_id}" if other.eos_token_id != tokenizer.eos_token_id else ""
+    raise ValueError(f"{what}'s tokenizer differs from {of}'s ({len(b)} vs {len(a)} tokens, {len(diff)} ids differ, e.g. "
+                     f"{eg}{eos}): the reward model reads the policy's token ids, so both must use one tokenizer (e.g. "
+                     "an RM of another size from the same model family)")
+
+
+def check_same_encoder(encoder_cfg: EncoderConfig, other: EncoderConfig, what: str = "the reward model",
+                       of: str = "the policy") -> None:
+    """A ValueError unless `other` (e.g. the RM backbone's vision encoder) makes the same features as `encoder_cfg` (the
+    features PPO reads and hands to both models); a pretrained tower file counts by its name, not its folder."""
+    def norm(c):
+        d = c.to_dict()
+        if isinstance(d.get("pretrained"), str) and os.sep in d["pretrained"]: d["pretrained"] = Path(d["pretrained"]).name
+        return d
+    a, b = norm(encoder_cfg), norm(other)
+    bad = {k: (b.get(k), a.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)}
+    if bad: raise ValueError(f"{what} was trained on other video features than {of} reads ({bad}, {what}'s first): "
+                             "both read the same cached features, so they need one vision encoder")
 
 # %% ../nbs/07_reward.ipynb #7f19e746
 def bt_loss(r_chosen: torch.Tensor, r_rejected: torch.Tensor, center_coef: float = 1e-3) -> tuple[torch.Tensor, dict]:
@@ -294,7 +336,10 @@ RM_SCHEDULES = ("cosine", "constant_with_warmup", "linear", "constant")  # trans
 @dataclass
 class RewardConfig(Config):
     "Reward-model training: inputs and hyper-parameters (defaults: the paper's / the seed's where they give one)."
-    sft_model_dir: str | None = None  # VideoLMM directory of the SFT model
+    sft_model_dir: str | None = None  # VideoLMM directory of the SFT model (the RM's backbone, unless `model` is given)
+    # a ModelConfig dict: the RM's own backbone (e.g. a 13B LM for the 7B policy); None: the SFT model's. Its tokenizer
+    # must be the SFT model's; its `encoder` is `encoder` (the features both read); its LoRA is `lora`, not model.lora
+    model: dict | None = None
     train_file: str | None = None     # RM records (.json/.jsonl): conversations, video, output_1/2, preference[, context]
     val_file: str | None = None       # None: hold out `val_size` pairs of train_file
     data_root: str | None = None      # videos are relative to it
@@ -339,6 +384,19 @@ class RewardConfig(Config):
             raise ValueError(f"RewardConfig.lr_scheduler must be one of {RM_SCHEDULES}, got {self.lr_scheduler!r}")
         if not 0 <= self.warmup_ratio < 1: raise ValueError(f"RewardConfig.warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
         rm_prompt(self.use_context, self.reward_prompt)  # validates the prompt / context combination
+        if self.model is not None: self.backbone_config()  # validates the backbone's settings
+
+    def backbone_config(self) -> ModelConfig | None:
+        "The ModelConfig of `model` (None: the RM starts from the SFT model), with the RM's features' `encoder`."
+        if self.model is None: return None
+        if not isinstance(self.model, dict): raise ValueError(f"RewardConfig.model must be a ModelConfig dict, got {self.model!r}")
+        if self.model.get("lora") is not None:
+            raise ValueError("RewardConfig.model.lora: the RM's adapters are RewardConfig.lora; leave model.lora out")
+        enc = EncoderConfig.from_dict(self.encoder)
+        if "encoder" in self.model and EncoderConfig.from_dict(dict(self.model["encoder"])) != enc:
+            raise ValueError("RewardConfig.model.encoder differs from RewardConfig.encoder: the RM reads the run's features "
+                             "(the policy's encoder); leave model.encoder out")
+        return ModelConfig.from_dict({**self.model, "encoder": enc.to_dict(), "lora": None}, source="RewardConfig.model")
 
 # %% ../nbs/07_reward.ipynb #eaa58d35
 def pair_rewards(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
@@ -437,7 +495,15 @@ def train_reward(cfg: RewardConfig, out_dir) -> Path:
     if acc.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
-    model = RewardModel.from_sft(cfg.sft_model_dir, cfg.lora, seed=cfg.seed, dtype=cfg.dtype)
+    if cfg.model is None: model = RewardModel.from_sft(cfg.sft_model_dir, cfg.lora, seed=cfg.seed, dtype=cfg.dtype)
+    else:  # a backbone of its own (another size): it must read the policy's token ids
+        from transformers import AutoTokenizer
+        policy_tok = AutoTokenizer.from_pretrained(cfg.sft_model_dir)
+        mcfg = cfg.backbone_config()
+        if cfg.dtype is not None: mcfg = replace(mcfg, dtype=cfg.dtype)
+        model = RewardModel.from_config(mcfg, policy_tok, cfg.lora, seed=cfg.seed)
+        check_same_tokenizer(policy_tok, model.tokenizer, f"the reward model ({mcfg.lm_name_or_path or 'lm_config'})",
+                             f"the SFT model ({cfg.sft_model_dir})")
     if cfg.gradient_checkpointing: model.backbone.gradient_checkpointing_enable()
     tok = model.tokenizer
     features = FeatureCache(cfg.features_dir, EncoderConfig.from_dict(cfg.encoder))

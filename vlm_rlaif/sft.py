@@ -43,6 +43,7 @@ class SFTConfig(Config):
     features_dir: str | None = None  # FeatureCache root (frozen-tower features, computed on a miss)
     model: dict | None = None  # ModelConfig as a dict: a fresh model (toy LM or a pretrained HF LM + LoRA) ...
     init_model_dir: str | None = None  # ... or a saved VideoLMM to continue from (e.g. a projector-pretrained one)
+    lora: dict | None = None  # with init_model_dir: train a new LoRA (LoraSettings dict) on it, its own LoRA merged first
     tokenizer_dir: str | None = None  # toy LM: a saved tokenizer; None: train one on the data's texts
     tokenizer_vocab_size: int = 1000  # toy tokenizer size
     tokenizer_texts: list = field(default_factory=list)  # more record files whose texts join the toy tokenizer's corpus
@@ -80,6 +81,8 @@ class SFTConfig(Config):
             if isinstance(v, (str, os.PathLike)): setattr(self, k, [str(v)])
         if self.model is not None and self.init_model_dir is not None:
             raise ValueError("SFTConfig: give `model` (a fresh model) or `init_model_dir`, not both")
+        if self.lora is not None and self.init_model_dir is None:
+            raise ValueError("SFTConfig.lora (a new LoRA on a saved model) needs `init_model_dir`")
         if int(self.text_warmup_steps) < 0: raise ValueError(f"SFTConfig.text_warmup_steps must be >= 0, got {self.text_warmup_steps}")
         for k in ("epochs_per_stage", "batch_size", "gradient_accumulation_steps", "log_every", "keep_checkpoints"):
             if int(getattr(self, k)) < 1: raise ValueError(f"SFTConfig.{k} must be >= 1, got {getattr(self, k)}")
@@ -170,9 +173,13 @@ def _sft_tokenizer(cfg: SFTConfig, out_dir: Path, records, accelerator):
 
 
 def build_sft_model(cfg: SFTConfig, out_dir, records, accelerator):
-    "The VideoLMM to fine-tune: loaded from `init_model_dir` (trainable) or built from `cfg.model` (seeded)."
+    """The VideoLMM to fine-tune: loaded from `init_model_dir` (trainable; with `cfg.lora`: its LoRA merged and a new
+    one added, seeded) or built from `cfg.model` (seeded)."""
     from accelerate.utils import set_seed
-    from vlm_rlaif.model import ModelConfig, VideoLMM, build_model
+    from vlm_rlaif.model import LoraSettings, ModelConfig, VideoLMM, add_lora, build_model
+    if cfg.init_model_dir and cfg.lora is not None:
+        set_seed(cfg.seed)
+        return add_lora(VideoLMM.from_pretrained(cfg.init_model_dir).merge_lora(), LoraSettings(**cfg.lora)).train()
     if cfg.init_model_dir:
         return VideoLMM.from_pretrained(cfg.init_model_dir, trainable=True)
     if cfg.model is None: raise ValueError("SFTConfig needs `model` (a ModelConfig dict) or `init_model_dir`")
@@ -349,7 +356,8 @@ def _train_sft(cfg: SFTConfig, out_dir: Path, acc, on_step, progress: bool, t0: 
         bar.close()
         acc.wait_for_everyone()
         with gathered_params(acc, model):  # ZeRO-3: whole weights for the save
-            if main: acc.unwrap_model(model).save_pretrained(out_dir / "model")
+            # a new LoRA on a saved model: the LM under it is that model's (merged), not `lm_name_or_path`: save it whole
+            if main: acc.unwrap_model(model).save_pretrained(out_dir / "model", save_base=True if cfg.lora is not None else None)
         if main:
             mark_done(out_dir, dict(steps=step, stages={n: s for (n, _), s in zip(stages, sizes)},
                                     final_loss=last.get("loss"), seconds=round(time.time() - t0, 1),
