@@ -3,6 +3,7 @@ and the training stage (finish, rerun, NaN guard, resume)."""
 from __future__ import annotations
 
 import json
+import shutil
 import math
 import os
 
@@ -343,3 +344,21 @@ def test_paper_config_uses_the_original_rm_schedule_and_dropout():
     for _ in range(200): lrs.append(sched.get_last_lr()[0]); opt.step(); sched.step()
     assert lrs[0] == 0.0 and lrs[6:] == [cfg.lr] * 194  # 6 warm-up steps (3%), then flat
     with pytest.raises(ValueError, match="lr_scheduler"): RewardConfig(lr_scheduler="cosine_typo")
+
+
+def test_resume_in_a_later_epoch_matches_uninterrupted(toy, tmp_path):
+    "Resumed at an epoch boundary and inside epoch 2: accelerate's loader must be told the epoch, not only the sampler."
+    cfg = cfg_for(toy, epochs=2, max_steps=None, save_every=1, keep_checkpoints=100)
+    full = train_reward(cfg, tmp_path / "full")  # 2 epochs, a checkpoint after every step
+    bt = lambda d: [r["bt"] for r in read_metrics(d) if "bt" in r]
+    per_epoch = len(bt(full)) // 2
+    assert per_epoch >= 2 and len(bt(full)) == 2 * per_epoch
+    for at in (per_epoch, per_epoch + 1):
+        part = tmp_path / f"part{at}"
+        shutil.copytree(full, part)
+        (part / "done.json").unlink(); shutil.rmtree(part / "model")
+        for c in (part / "checkpoints").iterdir():
+            if int(c.name.rsplit("_", 1)[1]) > at: shutil.rmtree(c)
+        train_reward(cfg, part)
+        assert bt(part) == pytest.approx(bt(full), rel=1e-4), at
+        assert torch.allclose(head(part), head(full), atol=1e-5)

@@ -34,7 +34,7 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-OPT_IN_STAGES = tuple(f.name for f in fields(PipelineConfig) if f.name in STAGES and f.default is None)  # ('grpo',)
+OPT_IN_STAGES = tuple(f.name for f in fields(PipelineConfig) if f.name in STAGES and f.default is None)  # ('policy_init', 'grpo')
 
 
 def stages_up_to(cfg, stage: str) -> list[str]:

@@ -536,6 +536,8 @@ def train_reward(cfg: RewardConfig, out_dir) -> Path:
         while step < total and epoch < cfg.epochs:
             sampler.set_epoch(epoch)
             it = acc.skip_first_batches(dl, skip) if skip else dl
+            # accelerate's loader sets the sampler's epoch to its own count of passes (0 after a resume): set both
+            if hasattr(it, "set_epoch"): it.set_epoch(epoch)
             rcs, rrs = [], []
             for b_in_epoch, batch in enumerate(it, start=skip):
                 with acc.accumulate(model):
