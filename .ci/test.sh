@@ -27,7 +27,7 @@ echo "== nbdev_test"
 nbdev_test --n_workers 2 --timing
 echo "== pytest"
 set +e
-python -m pytest tests -q -p no:cacheprovider
+python -m pytest tests -q -p no:cacheprovider --durations=12
 rc=$?
 set -e
 [ $rc -eq 5 ] && { echo "pytest: no tests collected"; rc=0; }
