@@ -37,6 +37,17 @@ def rl_world(root) -> dict:
     return dict(root=root, data=data, enc=enc)
 
 
+def rewind_run(full, dest, step: int, model: str = "model"):
+    """A copy of the finished run `full` at `dest`, rewound to its step-`step` checkpoint as if killed there: the saved
+    model, `done.json` and every later checkpoint removed (resume tests). Returns `dest`."""
+    import shutil
+    shutil.copytree(full, dest)
+    (dest / "done.json").unlink(); shutil.rmtree(dest / model)
+    for c in (dest / "checkpoints").iterdir():
+        if int(c.name.rsplit("_", 1)[1]) > step: shutil.rmtree(c)
+    return dest
+
+
 def launch_two_processes(script: str, cfg: dict, out, workdir, timeout: int = 280,
                          machines: int = 1) -> subprocess.CompletedProcess:
     """Run `script` (Python source; argv: config JSON path, out dir) in 2 CPU processes with

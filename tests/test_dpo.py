@@ -18,7 +18,7 @@ from vlm_rlaif.encoder import FeatureCache, toy_encoder_config
 from vlm_rlaif.model import IGNORE_INDEX, LoraSettings, ModelConfig, VideoLMM, build_model, train_toy_tokenizer
 from vlm_rlaif.ppo import load_policy
 from vlm_rlaif.toyworld import ToyWorldConfig, corpus_texts, make_dataset
-from conftest import TINY_LM
+from conftest import TINY_LM, rewind_run
 
 torch.set_num_threads(1)
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
@@ -143,11 +143,7 @@ def test_resume_in_a_later_epoch_matches_uninterrupted(world, tmp_path):
     losses = lambda d: [json.loads(l)["loss"] for l in (d / "metrics.jsonl").read_text().splitlines()]
     la = {n: p for n, p in VideoLMM.from_pretrained(full / "policy").named_parameters() if "lora_" in n}
     for at in (4, 6):
-        part = tmp_path / f"part{at}"
-        shutil.copytree(full, part)
-        (part / "done.json").unlink(); shutil.rmtree(part / "policy")
-        for c in (part / "checkpoints").iterdir():
-            if int(c.name.rsplit("_", 1)[1]) > at: shutil.rmtree(c)
+        part = rewind_run(full, tmp_path / f"part{at}", at, model="policy")
         train_dpo(cfg, part)
         assert len(losses(part)) == 8
         for a, b in zip(losses(full), losses(part)): assert math.isclose(a, b, rel_tol=1e-4), (at, losses(full), losses(part))

@@ -3,14 +3,13 @@ and the training stage (finish, rerun, NaN guard, resume)."""
 from __future__ import annotations
 
 import json
-import shutil
 import math
 import os
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 
 import pytest
-from conftest import launch_two_processes
+from conftest import launch_two_processes, rewind_run
 import torch
 from torch import nn
 
@@ -354,11 +353,7 @@ def test_resume_in_a_later_epoch_matches_uninterrupted(toy, tmp_path):
     per_epoch = len(bt(full)) // 2
     assert per_epoch >= 2 and len(bt(full)) == 2 * per_epoch
     for at in (per_epoch, per_epoch + 1):
-        part = tmp_path / f"part{at}"
-        shutil.copytree(full, part)
-        (part / "done.json").unlink(); shutil.rmtree(part / "model")
-        for c in (part / "checkpoints").iterdir():
-            if int(c.name.rsplit("_", 1)[1]) > at: shutil.rmtree(c)
+        part = rewind_run(full, tmp_path / f"part{at}", at)
         train_reward(cfg, part)
         assert bt(part) == pytest.approx(bt(full), rel=1e-4), at
         assert torch.allclose(head(part), head(full), atol=1e-5)
