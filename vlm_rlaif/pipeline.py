@@ -453,7 +453,7 @@ def stage_reward(run: Run, progress: bool = True) -> dict:
     ev = _read_json(out / "eval.json", {})
     return dict(val_accuracy=ev.get("accuracy"), n_val=ev.get("n"))
 
-# %% ../nbs/10_pipeline.ipynb #14d9de80
+# %% ../nbs/10_pipeline.ipynb #c19cf1d1
 PPO_INIT_FILE = "PPO_init.json"  # the original's policy-init instructions (under data_dir)
 # the original's policy-init LoRA is r=64 with a cosine schedule; alpha, dropout and targets are not in our notes of it
 POLICY_INIT_LORA = dict(r=64, alpha=16, dropout=0.05, target_modules="all-linear", train_projector=False)
@@ -502,7 +502,7 @@ def stage_policy_init(run: Run, progress: bool = True) -> dict:
     return dict(steps=m[-1].get("step") if m else None, final_loss=round(m[-1]["loss"], 4) if m else None)
 
 
-# %% ../nbs/10_pipeline.ipynb #a298153d
+# %% ../nbs/10_pipeline.ipynb #ade0053d
 def policy_start(run: Run) -> Path:
     "The model PPO and GRPO start from, and keep as their reference: the policy-init model if configured, else SFT's."
     return run.dir("policy_init" if run.cfg.policy_init is not None else "sft") / "model"
@@ -546,7 +546,7 @@ def stage_ppo(run: Run, progress: bool = True) -> dict:
     return {}
 
 
-# %% ../nbs/10_pipeline.ipynb #d58f704f
+# %% ../nbs/10_pipeline.ipynb #506c3d2a
 def dpo_config(run: Run):
     from vlm_rlaif.dpo import DPOConfig
     return DPOConfig.from_dict(_section(run, "dpo", **preference_inputs(run)))
