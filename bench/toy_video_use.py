@@ -6,7 +6,7 @@ record's own video and (b) those of another validation video (a fixed random per
 from the video gets cheaper with its own video; a word it guesses from the text (the question, the answer so far)
 costs the same with either. No sampling, no scorer: only the records' answers.
 
-    python bench/toy_video_use.py RUN_DIR [--records 400] [--out bench/results/toy_video_use.json]
+    python bench/toy_video_use.py RUN_DIR [--records 400] [--records-file F] [--out bench/results/toy_video_use.json]
 
 About a minute on two CPU threads for the toy demo's model.
 """
@@ -25,7 +25,7 @@ from vlm_rlaif.pipeline import Run, load_config
 from vlm_rlaif.toyworld import COLORS, EVENTS, MOTIONS, NUMBERS, SHAPES
 
 WORDS = dict(colour=COLORS, shape=SHAPES, motion=MOTIONS, count=tuple(NUMBERS.values()), event=EVENTS,
-             half=("first", "second"))
+             half=("first", "second"), position=("top", "bottom", "centre"))  # position: bench/toy_position_records.py
 
 
 def word_ids(tok, words) -> torch.Tensor:
@@ -34,12 +34,12 @@ def word_ids(tok, words) -> torch.Tensor:
 
 
 @torch.no_grad()
-def measure(run_dir, n_records: int = 400, batch_size: int = 16, seed: int = 0) -> dict:
+def measure(run_dir, n_records: int = 400, batch_size: int = 16, seed: int = 0, records_file=None) -> dict:
     root = Path(run_dir)
     run = Run(load_config(root / "config.yaml"), root, create=False)
     model = VideoLMM.from_pretrained(root / "sft" / "model").eval()
     tok = model.tokenizer
-    recs = load_records(run.data_dir / "val_sft.json", "sft")[:n_records]
+    recs = load_records(records_file or run.data_dir / "val_sft.json", "sft")[:n_records]
     ds = VideoInstructDataset(recs, tok, run.features(), root=run.data_dir)
     other = np.random.default_rng(seed).permutation(len(ds))
     ids = {k: word_ids(tok, w) for k, w in WORDS.items()}
@@ -71,10 +71,11 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("run_dir")
     ap.add_argument("--records", type=int, default=400)
+    ap.add_argument("--records-file", default=None, help="SFT records to read (default: the run's val_sft.json)")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "toy_video_use.json"))
     a = ap.parse_args(argv)
     torch.set_num_threads(2)
-    res = measure(a.run_dir, a.records)
+    res = measure(a.run_dir, a.records, records_file=a.records_file)
     print(f"{res['records']} validation answers; answer words by class, own video vs another video's:")
     for k, r in res["words"].items():
         print(f"{k:7s} n={r['n']:5d}   NLL {r['nll_own']:.3f} vs {r['nll_other']:.3f}   top-1 {r['top1_own']:.3f} vs {r['top1_other']:.3f}")
