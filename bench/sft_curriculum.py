@@ -1,6 +1,6 @@
 """Toy-world SFT: curriculum (short answers, then long) vs one mixed stage at the same step budget, vs chance.
 
-    python bench/sft_curriculum.py --out /work/notes/artifacts/helperA_sft_compare --epochs 6
+    python bench/sft_curriculum.py --out runs/sft_compare --epochs 6
 
 Renders the toy world (ToyWorldConfig defaults: 256 videos) and pre-trains the tiny tower unless they exist,
 trains both SFT runs with the same seed, lr schedule and number of optimizer steps, scores the test split with
