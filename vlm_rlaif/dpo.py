@@ -163,7 +163,7 @@ def train_dpo(cfg: DPOConfig, out_dir, policy: VideoLMM | None = None) -> Path:
     dir), `metrics.jsonl`, `tb/`, `checkpoints/`, `config.json`, `eval.json` and `done.json`. Resumes; returns at once
     when done."""
     from transformers import get_scheduler
-    from vlm_rlaif.training import EpochSampler
+    from vlm_rlaif.training import EpochSampler, epoch_batches
     from vlm_rlaif.training import (MetricLogger, check_finite, generation_model, latest_checkpoint,
                                     load_checkpoint, make_accelerator, mark_done, save_checkpoint, stage_done)
     out = Path(out_dir)
@@ -205,10 +205,7 @@ def train_dpo(cfg: DPOConfig, out_dir, policy: VideoLMM | None = None) -> Path:
     t0, seqs = time.time(), 0
     try:
         while step < total and epoch < cfg.epochs:
-            sampler.set_epoch(epoch)
-            # accelerate's loader sets the sampler's epoch to its own count of passes (0 after a resume): set both
-            if hasattr(dl, "set_epoch"): dl.set_epoch(epoch)
-            it = acc.skip_first_batches(dl, skip) if skip else dl
+            it = epoch_batches(acc, dl, sampler, epoch, skip)
             acc_stats = []
             for b_in_epoch, batch in enumerate(it, start=skip):
                 with torch.no_grad(), unwrapped.lm.disable_adapter():

@@ -460,8 +460,9 @@ def accuracy_against(result: dict, records, key: str = "truth_preference") -> fl
     return float(np.mean(hits)) if hits else float("nan")
 
 # %% ../nbs/07_reward.ipynb #0e4c44e8
-from .training import (EpochSampler, MetricLogger, check_finite, gathered_params, latest_checkpoint,
-                                load_checkpoint, make_accelerator, mark_done, save_checkpoint, stage_done)
+from .training import (EpochSampler, MetricLogger, check_finite, epoch_batches, gathered_params,
+                                latest_checkpoint, load_checkpoint, make_accelerator, mark_done, save_checkpoint,
+                                stage_done)
 
 
 def _rm_datasets(cfg: RewardConfig, tokenizer, features):
@@ -542,10 +543,7 @@ def train_reward(cfg: RewardConfig, out_dir) -> Path:
     model.train()
     try:
         while step < total and epoch < cfg.epochs:
-            sampler.set_epoch(epoch)
-            it = acc.skip_first_batches(dl, skip) if skip else dl
-            # accelerate's loader sets the sampler's epoch to its own count of passes (0 after a resume): set both
-            if hasattr(it, "set_epoch"): it.set_epoch(epoch)
+            it = epoch_batches(acc, dl, sampler, epoch, skip)
             rcs, rrs = [], []
             for b_in_epoch, batch in enumerate(it, start=skip):
                 with acc.accumulate(model):

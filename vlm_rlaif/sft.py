@@ -21,9 +21,9 @@ from tqdm.auto import tqdm
 from .config import Config
 from .data import EASY, HARD, Collator, VideoInstructDataset, curriculum_split, load_records
 from .model import IMAGE_TOKEN
-from .training import (EpochSampler, MetricLogger, atomic_write_text, check_finite, gathered_params,
-                                generate_answers, latest_checkpoint, load_checkpoint, make_accelerator, mark_done,
-                                run_lock, save_checkpoint, stage_done)
+from .training import (EpochSampler, MetricLogger, atomic_write_text, check_finite, epoch_batches,
+                                gathered_params, generate_answers, latest_checkpoint, load_checkpoint, make_accelerator,
+                                mark_done, run_lock, save_checkpoint, stage_done)
 
 # %% auto #0
 __all__ = ['SCHEDULES', 'CRITERIA', 'SFTConfig', 'file_stage', 'load_sft_records', 'sft_stages', 'record_texts',
@@ -320,11 +320,8 @@ def _train_sft(cfg: SFTConfig, out_dir: Path, acc, on_step, progress: bool, t0: 
         for si, (name, _) in enumerate(stages):
             for ep in range(cfg.epochs_per_stage):
                 if (si, ep) < (pos["stage"], pos["epoch"]) or step >= total: continue
-                samplers[si].set_epoch(ep)
                 skip = pos["batch"] if (si, ep) == (pos["stage"], pos["epoch"]) else 0
-                dl = acc.skip_first_batches(loaders[si], skip) if skip else loaders[si]
-                # accelerate's loader sets the sampler's epoch to its own count of passes (0 after a resume): set both
-                if hasattr(dl, "set_epoch"): dl.set_epoch(ep)
+                dl = epoch_batches(acc, loaders[si], samplers[si], ep, skip)
                 nb = skip
                 for batch in dl:
                     with acc.accumulate(model):

@@ -28,9 +28,9 @@ __all__ = ['CKPT_PREFIX', 'TRAINER_STATE', 'MANIFEST', 'HASH_LIMIT', 'DEEPSPEED_
            'resolve_mixed_precision', 'deepspeed_config_dict', 'make_accelerator', 'NonFiniteLossError', 'check_finite',
            'atomic_write_text', 'read_metrics', 'MetricLogger', 'CheckpointError', 'write_manifest',
            'verify_checkpoint', 'latest_checkpoint', 'check_pickles', 'save_checkpoint', 'load_checkpoint',
-           'stage_done', 'mark_done', 'EpochSampler', 'zero_stage', 'gathered_params', 'generation_model',
-           'process_rank', 'process_device', 'wait_for_files', 'merge_shares', 'RunLockedError', 'run_lock',
-           'generate_answers']
+           'stage_done', 'mark_done', 'EpochSampler', 'epoch_batches', 'zero_stage', 'gathered_params',
+           'generation_model', 'process_rank', 'process_device', 'wait_for_files', 'merge_shares', 'RunLockedError',
+           'run_lock', 'generate_answers']
 
 # %% ../nbs/04b_training.ipynb #4a81caf7
 def resolve_mixed_precision(mixed_precision: str = "auto") -> str:
@@ -381,6 +381,16 @@ class EpochSampler(torch.utils.data.Sampler):
         if not self.shuffle: return iter(range(self.n))
         g = torch.Generator().manual_seed(int(np.random.SeedSequence([self.seed, self.stage, self.epoch]).generate_state(1)[0]))
         return iter(torch.randperm(self.n, generator=g).tolist())
+
+
+def epoch_batches(accelerator, loader, sampler: EpochSampler, epoch: int, skip: int = 0):
+    """The batches of `epoch` from `loader` (prepared by `accelerator`, drawing from `sampler`), the first `skip` left
+    out (a resume inside the epoch). accelerate's prepared loader sets its sampler's epoch to its own count of passes
+    when iterated, which is 0 in a new process: the epoch is set on the loader that is iterated, not only the sampler."""
+    sampler.set_epoch(epoch)
+    dl = accelerator.skip_first_batches(loader, skip) if skip else loader
+    if hasattr(dl, "set_epoch"): dl.set_epoch(epoch)
+    return dl
 
 
 # %% ../nbs/04b_training.ipynb #b992a585
