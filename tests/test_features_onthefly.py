@@ -154,6 +154,8 @@ def test_pipeline_features_reach_every_section(tmp_path):
     assert check_run_config(toy, tmp_path) is False  # the same run: no error, nothing to rewrite
     fly = load_config(repo / "configs/toy.yaml", ["features=on_the_fly"])
     with pytest.raises(ValueError, match="features: 'cache' -> 'on_the_fly'"): check_run_config(fly, tmp_path)
+    from vlm_rlaif.evaluate import _fingerprint  # so is an evaluation's, resumed
+    assert _fingerprint("features", None) == _fingerprint("features", "cache") != _fingerprint("features", "on_the_fly")
 
 
 def test_pipeline_on_the_fly_caches_nothing(tmp_path):

@@ -750,6 +750,7 @@ def _fingerprint(key, value):
     "What of a config value must not change when a run is resumed (None: nothing)."
     if key in _VOLATILE: return None
     if key == "judge_settings": return {k: v for k, v in (value or {}).items() if k not in _VOLATILE_JUDGE}
+    if key == "features": return value or "cache"  # a run from before the key read the cache
     return value
 
 # %% ../nbs/09_eval.ipynb #3d556dd2

@@ -813,7 +813,7 @@ def run_feedback(cfg: FeedbackConfig, out_dir, judge: GenerateFn | None = None,
     rank, world = process_rank()  # under `accelerate launch` every process makes the pairs of its share of prompts
     conf = cfg.to_dict(); conf.pop("progress")
     if rank == 0:
-        if (out / "config.json").exists() and json.loads((out / "config.json").read_text()) != conf:
+        if (out / "config.json").exists() and {"features": "cache", **json.loads((out / "config.json").read_text())} != conf:
             raise ValueError(f"{out} holds a run with another FeedbackConfig; use a new directory")
         _dump(conf, out / "config.json")
     work = out if world == 1 else out / "shards" / f"{rank}-of-{world}"
