@@ -159,7 +159,7 @@ def test_pipeline_features_reach_every_section(tmp_path):
 
 
 def test_pipeline_on_the_fly_caches_nothing(tmp_path):
-    "toyworld -> features -> sft -> feedback -> reward -> ppo -> eval with `features: on_the_fly`: no feature file."
+    "toyworld -> features -> sft -> feedback -> reward -> ppo, dpo, grpo -> eval with `features: on_the_fly`: no feature file."
     import json
     from conftest import TINY_LM
     from vlm_rlaif.pipeline import PipelineConfig, Run, features_note, run_pipeline
@@ -175,14 +175,17 @@ def test_pipeline_on_the_fly_caches_nothing(tmp_path):
         reward=dict(lora=None, max_steps=2, batch_size=2, val_size=1, save_every=0, max_length=1024),
         ppo=dict(lora=lora, num_steps=1, rollout_batch_size=4, generation_batch_size=4, minibatch_size=2,
                  max_new_tokens=6, max_prompt_length=1024, length_coef=0.0, save_every=0),
-        dpo=None, eval=dict(judge="toy", max_new_tokens=6, max_items=2, batch_size=8),
-        stages=["toyworld", "features", "sft", "feedback", "reward", "ppo", "eval"]))
+        dpo=dict(lora=lora, max_steps=1, batch_size=2, max_length=1024, save_every=0),
+        grpo=dict(lora=lora, group_size=2, num_steps=1, rollout_batch_size=4, generation_batch_size=4, minibatch_size=2,
+                  max_new_tokens=6, max_prompt_length=1024, length_coef=0.0, save_every=0),
+        eval=dict(judge="toy", max_new_tokens=6, max_items=2, batch_size=8),
+        stages=["toyworld", "features", "sft", "feedback", "reward", "ppo", "dpo", "grpo", "eval"]))
     run = Run(cfg, tmp_path / "run")
     assert features_note(run).startswith("features: on_the_fly, nothing will be stored (a cache would hold ")
     assert "8 videos" in features_note(run)  # from the toy world's n_videos: the data is not rendered yet
     res = run_pipeline(cfg, run.root, progress=False)
-    for s in ("sft", "feedback", "reward", "ppo", "eval"): assert run.done(s), s
+    for s in ("sft", "feedback", "reward", "ppo", "dpo", "grpo", "eval"): assert run.done(s), s
     feats = json.loads(run.marker("features").read_text())["summary"]
     assert feats["videos"] == 8 and feats["computed"] == 0 and "on_the_fly" in feats["skipped"]
     assert not (run.root / "features").exists()  # not a file, not even the folder
-    assert res["feedback"]["kept"] > 0 and {"sft_correctness", "ppo_correctness"} <= set(res["eval"]), res["eval"]
+    assert res["feedback"]["kept"] > 0 and {f"{s}_correctness" for s in ("sft", "ppo", "dpo", "grpo")} <= set(res["eval"]), res["eval"]
