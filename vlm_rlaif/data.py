@@ -20,8 +20,8 @@ from torch.utils.data import Dataset
 from .model import IGNORE_INDEX, IMAGE_TOKEN, SEP2, build_prompt, turn_end
 
 # %% auto #0
-__all__ = ['ROLES', 'KINDS', 'FEATURE_SOURCES', 'EASY', 'HARD', 'DataConfig', 'DataError', 'validate_record', 'Records',
-           'load_records', 'media_path', 'save_records', 'conversation_segments', 'encode_segments',
+__all__ = ['ROLES', 'KINDS', 'FEATURE_SOURCES', 'EASY', 'HARD', 'check_features', 'DataConfig', 'DataError', 'validate_record',
+           'Records', 'load_records', 'media_path', 'save_records', 'conversation_segments', 'encode_segments',
            'tokenize_conversations', 'tokenize_conversation', 'render_labels', 'image_token_id', 'VideoInstructDataset',
            'Collator', 'rm_segments', 'PairwiseDataset', 'PromptDataset', 'answer_length', 'curriculum_split',
            'feature_disk_estimate', 'TowerFeatures', 'video_features']
@@ -30,6 +30,12 @@ __all__ = ['ROLES', 'KINDS', 'FEATURE_SOURCES', 'EASY', 'HARD', 'DataConfig', 'D
 ROLES = ("human", "gpt")
 KINDS = ("sft", "rm", "rl")
 FEATURE_SOURCES = ("cache", "on_the_fly")  # where a dataset's video features come from
+
+
+def check_features(source, owner: str = "features") -> str:
+    "`source` if it is one of `FEATURE_SOURCES`; else a ValueError naming `owner` and the allowed values."
+    if source not in FEATURE_SOURCES: raise ValueError(f"{owner} must be one of {FEATURE_SOURCES}, got {source!r}")
+    return source
 
 
 @dataclass
@@ -45,8 +51,7 @@ class DataConfig:
                                      # in the data path on the training device (TowerFeatures), nothing on disk
 
     def __post_init__(self):
-        if self.features not in FEATURE_SOURCES:
-            raise ValueError(f"DataConfig.features must be one of {FEATURE_SOURCES}, got {self.features!r}")
+        check_features(self.features, "DataConfig.features")
 
 # %% ../nbs/04_data.ipynb #b5b4dfc4
 class DataError(ValueError):
@@ -549,8 +554,6 @@ class TowerFeatures:
 def video_features(source: str, features_dir, encoder_cfg, device=None, **kw):
     "The `features` callable of a dataset: a `FeatureCache` under `features_dir` (`cache`) or `TowerFeatures` (`on_the_fly`)."
     from vlm_rlaif.encoder import FeatureCache
-    if source == "cache":
-        if not features_dir: raise ValueError("features='cache' needs a features_dir")
-        return FeatureCache(features_dir, encoder_cfg, device=device, **kw)
-    if source == "on_the_fly": return TowerFeatures(encoder_cfg, device=device, **kw)
-    raise ValueError(f"features source must be one of {FEATURE_SOURCES}, got {source!r}")
+    if check_features(source, "features source") == "on_the_fly": return TowerFeatures(encoder_cfg, device=device, **kw)
+    if not features_dir: raise ValueError("features='cache' needs a features_dir")
+    return FeatureCache(features_dir, encoder_cfg, device=device, **kw)

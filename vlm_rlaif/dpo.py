@@ -19,7 +19,8 @@ from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
 from .config import Config
-from .data import Collator, load_records, media_path, tokenize_conversations, validate_record
+from .data import (Collator, check_features, load_records, media_path, tokenize_conversations, validate_record,
+                             video_features)
 from .encoder import EncoderConfig, FeatureCache
 from .model import IGNORE_INDEX, LoraSettings, VideoLMM, expand_image_tokens
 from .ppo import load_policy
@@ -36,6 +37,7 @@ class DPOConfig(Config):
     val_file: str | None = None  # held-out pairs: implicit-reward accuracy at the end
     data_root: str | None = None
     features_dir: str = ""
+    features: str = "cache"  # "cache" (features_dir) | "on_the_fly": the frozen tower in the data path, no cache
     encoder: dict | None = None  # None: the SFT model's encoder config
     lora: dict = field(default_factory=lambda: dict(r=32, alpha=32, dropout=0.0, target_modules="all-linear"))
     beta: float = 0.1
@@ -63,6 +65,7 @@ class DPOConfig(Config):
         if self.beta <= 0: raise ValueError(f"DPOConfig.beta must be > 0, got {self.beta}")
         if not 0 <= self.label_smoothing < 0.5:
             raise ValueError(f"DPOConfig.label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
+        check_features(self.features, "DPOConfig.features")
 
 # %% ../nbs/08b_dpo.ipynb #868764af
 def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_chosen: torch.Tensor,
@@ -174,7 +177,7 @@ def train_dpo(cfg: DPOConfig, out_dir, policy: VideoLMM | None = None) -> Path:
         policy = load_policy(cfg.sft_model_dir, LoraSettings(**{**cfg.lora, "train_projector": False}))
     tok = policy.tokenizer
     enc = EncoderConfig.from_dict(cfg.encoder) if cfg.encoder else policy.cfg.encoder
-    features = FeatureCache(cfg.features_dir, enc)
+    features = video_features(cfg.features, cfg.features_dir, enc, device=acc.device)
     ds = DPOPairDataset(load_records(cfg.train_file, "rm"), tok, features, cfg.data_root, cfg.max_length)
     if len(ds) == 0: raise ValueError(f"{cfg.train_file}: no usable preference pairs")
     sampler = EpochSampler(len(ds), cfg.seed)

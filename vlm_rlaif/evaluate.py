@@ -670,6 +670,7 @@ class EvalConfig(Config):
     model_dir: str | None = None        # a VideoLMM save_pretrained dir (SFT model, PPO policy, ...)
     data_dir: str | None = None         # the toy dataset (benchmark 'toy'); default root of relative video paths
     features_dir: str | None = None     # FeatureCache root
+    features: str = "cache"             # "cache" (features_dir) | "on_the_fly": the frozen tower on the model's device
     encoder: dict | None = None         # EncoderConfig dict; None: the model's own
     benchmark: str = "toy"
     annotations: dict = field(default_factory=dict)  # benchmark files (see above)
@@ -706,6 +707,8 @@ class EvalConfig(Config):
         for k in ("batch_size", "judge_batch_size", "max_new_tokens"):
             if getattr(self, k) < 1: raise ValueError(f"EvalConfig.{k} must be >= 1, got {getattr(self, k)}")
         if self.max_items is not None and self.max_items < 1: raise ValueError(f"EvalConfig.max_items must be >= 1 or None, got {self.max_items}")
+        from vlm_rlaif.data import check_features
+        check_features(self.features, "EvalConfig.features")
 
     @property
     def judge_kind(self) -> str: return ("toy" if self.benchmark == "toy" else "openai") if self.judge == "auto" else self.judge
@@ -747,18 +750,21 @@ def _fingerprint(key, value):
     "What of a config value must not change when a run is resumed (None: nothing)."
     if key in _VOLATILE: return None
     if key == "judge_settings": return {k: v for k, v in (value or {}).items() if k not in _VOLATILE_JUDGE}
+    if key == "features": return value or "cache"  # a run from before the key read the cache
     return value
 
 # %% ../nbs/09_eval.ipynb #3d556dd2
 def model_answerer(cfg: EvalConfig) -> Callable[[list[dict]], list[str]]:
-    "answer_fn of `cfg.model_dir`'s VideoLMM: `training.generate_answers` on FeatureCache features (greedy by default)."
-    from vlm_rlaif.encoder import EncoderConfig, FeatureCache
+    "answer_fn of `cfg.model_dir`'s VideoLMM: `training.generate_answers` on its video features (greedy by default)."
+    from vlm_rlaif.data import video_features
+    from vlm_rlaif.encoder import EncoderConfig
     from vlm_rlaif.model import VideoLMM
     from vlm_rlaif.training import generate_answers, process_device
-    if not cfg.model_dir or not cfg.features_dir: raise ValueError("EvalConfig: answering with a model needs model_dir and features_dir")
+    if not cfg.model_dir or (cfg.features == "cache" and not cfg.features_dir):
+        raise ValueError("EvalConfig: answering with a model needs model_dir and features_dir (or features='on_the_fly')")
     model = VideoLMM.from_pretrained(cfg.model_dir).to(process_device())  # under `accelerate launch`: its own GPU
     enc = EncoderConfig.from_dict(cfg.encoder) if cfg.encoder else model.cfg.encoder
-    features = FeatureCache(cfg.features_dir, enc)
+    features = video_features(cfg.features, cfg.features_dir, enc, device=process_device())
     return lambda recs: generate_answers(model, recs, features, root=None, batch_size=cfg.batch_size,
                                          max_new_tokens=cfg.max_new_tokens, do_sample=cfg.do_sample,
                                          temperature=cfg.temperature, seed=cfg.seed, progress=False)

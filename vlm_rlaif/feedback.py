@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from .config import Config
 from . import toyworld as tw
-from .data import encode_segments, load_records, media_path, save_records
+from .data import check_features, encode_segments, load_records, media_path, save_records
 from .frames import sample_indices
 from .model import IMAGE_TOKEN, VideoLMM, build_prompt, video_question
 
@@ -703,6 +703,7 @@ class FeedbackConfig(Config):
     sft_model_dir: str = ""             # VideoLMM directory of the SFT model (samples, captions, and judges)
     data_dir: str = ""                  # prompts (and, in the toy world, facts.jsonl)
     features_dir: str = ""              # FeatureCache root
+    features: str = "cache"             # "cache" (features_dir) | "on_the_fly" (the frozen tower on `device`, no cache)
     encoder: dict = field(default_factory=dict)  # EncoderConfig fields ({}: CLIP ViT-L/14-336, 50 frames)
     prompts_file: str = "train_sft.json"  # records whose first human turn is the question (under data_dir)
     video_root: str | None = None       # videos are relative to this (default: data_dir)
@@ -742,6 +743,7 @@ class FeedbackConfig(Config):
         bad = [f for f in (self.agreement_forms or []) if f not in JUDGE_FORMS]
         if bad: raise ValueError(f"FeedbackConfig.agreement_forms: unknown forms {bad} (known: {JUDGE_FORMS})")
         if self.n_clips < 1 or self.max_clip_frames < 1: raise ValueError("FeedbackConfig: n_clips and max_clip_frames must be >= 1")
+        check_features(self.features, "FeedbackConfig.features")
 
 # %% ../nbs/06_feedback.ipynb #15f15ad9
 def _dump(obj, path: Path):
@@ -803,22 +805,23 @@ def run_feedback(cfg: FeedbackConfig, out_dir, judge: GenerateFn | None = None,
     (`rm_train.json`, `rm_val.json`, `stats.json`, `done.json`). `judge` replaces the model judge and `sampler(seed)`
     the SFT model's answer sampling (tests, oracles, API models); `agreement_judge` is the verdict judge scored in
     `agreement.json` (default: `judge`, else the model judge); `scorer` replaces the model's log-probs (log-prob forms)."""
-    from vlm_rlaif.encoder import EncoderConfig, FeatureCache
+    from vlm_rlaif.encoder import EncoderConfig
+    from vlm_rlaif.data import video_features
     from vlm_rlaif.training import merge_shares, process_device, process_rank
     out = Path(out_dir); out.mkdir(parents=True, exist_ok=True)
     if (out / "done.json").exists(): return out
     rank, world = process_rank()  # under `accelerate launch` every process makes the pairs of its share of prompts
     conf = cfg.to_dict(); conf.pop("progress")
     if rank == 0:
-        if (out / "config.json").exists() and json.loads((out / "config.json").read_text()) != conf:
+        if (out / "config.json").exists() and {"features": "cache", **json.loads((out / "config.json").read_text())} != conf:
             raise ValueError(f"{out} holds a run with another FeedbackConfig; use a new directory")
         _dump(conf, out / "config.json")
     work = out if world == 1 else out / "shards" / f"{rank}-of-{world}"
     work.mkdir(parents=True, exist_ok=True)
     enc = EncoderConfig.from_dict(cfg.encoder)
-    features = FeatureCache(cfg.features_dir, enc)
     root = cfg.video_root or cfg.data_dir
     device = cfg.device or process_device()
+    features = video_features(cfg.features, cfg.features_dir, enc, device=device)
     progress, models = cfg.progress and rank == 0, {}
 
     def load(d):

@@ -18,7 +18,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .config import Config
-from .data import Collator, PromptDataset, load_records
+from .data import Collator, PromptDataset, check_features, load_records, video_features
 from .encoder import EncoderConfig, FeatureCache
 from .model import LoraSettings, VideoLMM
 from .ppo import (KL_ESTIMATORS, KLController, _reduce_means, _step_indices, _trim, batch_sizes, kl_estimate,
@@ -42,6 +42,7 @@ class GRPOConfig(Config):
     reward_model_dir: str = ""  # RewardModel dir (frozen)
     prompts: str = ""  # RL records (.json/.jsonl): first human turn + video
     features_dir: str = ""  # FeatureCache root
+    features: str = "cache"  # "cache" (features_dir) | "on_the_fly": the frozen tower in the data path, no cache
     data_root: str | None = None  # videos are relative to this
     encoder: dict | None = None  # EncoderConfig dict; None: the SFT model's encoder config
     lora: dict = field(default_factory=lambda: dict(r=32, alpha=32, dropout=0.0, target_modules="all-linear"))
@@ -89,6 +90,7 @@ class GRPOConfig(Config):
     score_placement = "last_token"  # not a field: `make_rollouts` reads it (the score is one number per answer here)
 
     def __post_init__(self):
+        check_features(self.features, "GRPOConfig.features")
         if self.advantage not in ADVANTAGES:
             raise ValueError(f"GRPOConfig.advantage must be one of {ADVANTAGES}, got {self.advantage!r}")
         if self.kl_estimator not in KL_ESTIMATORS:
@@ -230,7 +232,8 @@ def train_grpo(cfg: GRPOConfig, out_dir, policy: VideoLMM | None = None, reward_
         raise ValueError("the reward model and the policy use different tokenizers; GRPO passes token ids between them")
     enc = EncoderConfig.from_dict(cfg.encoder) if cfg.encoder else policy.cfg.encoder
     records = load_records(cfg.prompts, "rl", root=cfg.data_root)
-    ds = PromptDataset(records, tok, FeatureCache(cfg.features_dir, enc), root=cfg.data_root, max_length=cfg.max_prompt_length)
+    ds = PromptDataset(records, tok, video_features(cfg.features, cfg.features_dir, enc, device=acc.device), root=cfg.data_root,
+                       max_length=cfg.max_prompt_length)
     if len(ds) == 0: raise ValueError(f"{cfg.prompts}: no usable RL prompts")
     prompt_text, use_ctx, ctx_key = rm_prompt_settings(cfg)
     collate = Collator(tok.pad_token_id, padding_side="left")

@@ -15,12 +15,12 @@ import yaml
 from .config import Config
 
 # %% auto #0
-__all__ = ['STAGES', 'SHARED_STAGES', 'RECORD_STAGES', 'IGNORED_CHANGES', 'ADDED_SECTIONS', 'JUDGE_RECORD_KEYS',
+__all__ = ['STAGES', 'SHARED_STAGES', 'RECORD_STAGES', 'IGNORED_CHANGES', 'ADDED_SECTIONS', 'ADDED_KEYS', 'JUDGE_RECORD_KEYS',
            'FEEDBACK_JUDGES', 'PPO_INIT_FILE', 'POLICY_INIT_LORA', 'SYSTEMS', 'REPORT_SECTIONS', 'STAGE_CONFIGS',
            'OPTIONAL_SECTIONS', 'STAGE_FNS', 'PipelineConfig', 'yaml_load', 'apply_overrides', 'load_config', 'Run',
            'stage_toyworld', 'stage_tower', 'dataset_videos', 'stage_features', 'check_data', 'run_stage',
-           'config_changes', 'check_run_config', 'run_pipeline', 'sft_config', 'write_judge_records', 'stage_sft',
-           'feedback_config', 'stage_feedback', 'preference_inputs', 'reward_config', 'stage_reward',
+           'config_changes', 'check_run_config', 'features_note', 'run_pipeline', 'sft_config', 'write_judge_records',
+           'stage_sft', 'feedback_config', 'stage_feedback', 'preference_inputs', 'reward_config', 'stage_reward',
            'policy_init_file', 'write_toy_ppo_init', 'policy_init_config', 'stage_policy_init', 'policy_start',
            'rollout_inputs', 'ppo_config', 'toy_gold_monitor', 'stage_ppo', 'dpo_config', 'stage_dpo', 'grpo_config',
            'stage_grpo', 'eval_config', 'stage_eval', 'plot_overoptimisation', 'paired_differences', 'build_report',
@@ -39,6 +39,9 @@ class PipelineConfig(Config):
     data_dir: str | None = None  # a dataset in the toy world's layout (when `toyworld` is None)
     encoder: dict = field(default_factory=dict)  # EncoderConfig fields
     tower_pretrain: dict | None = None  # TowerPretrainConfig overrides: pre-train the tiny tower (toy only)
+    # where every stage's video features come from: "cache" (the features stage stores them once under features/) or
+    # "on_the_fly" (each stage runs the frozen tower as it reads a video; nothing on disk); a section's own wins
+    features: str = "cache"
     model: dict = field(default_factory=dict)  # ModelConfig fields (lm, projector, lora)
     sft: dict = field(default_factory=dict)
     feedback: dict = field(default_factory=dict)
@@ -55,6 +58,8 @@ class PipelineConfig(Config):
     def __post_init__(self):
         bad = [s for s in self.stages if s not in STAGES]
         if bad: raise ValueError(f"PipelineConfig.stages: unknown {bad}; known: {list(STAGES)}")
+        from vlm_rlaif.data import check_features
+        check_features(self.features, "PipelineConfig.features")
         if self.toyworld is None and not self.data_dir:
             raise ValueError("PipelineConfig: set `toyworld` (render the toy world) or `data_dir` (existing data)")
 
@@ -130,9 +135,10 @@ class Run:
     def features_dir(self) -> Path: return self.root / "features"
 
     def features(self):
-        from vlm_rlaif.encoder import FeatureCache
+        "The run's video features (`cfg.features`): the FeatureCache under `features_dir`, or the tower on the fly."
+        from vlm_rlaif.data import video_features
         from vlm_rlaif.training import process_device  # under `accelerate launch`: this process's own GPU
-        return FeatureCache(self.features_dir, self.encoder_config(), device=process_device())
+        return video_features(self.cfg.features, self.features_dir, self.encoder_config(), device=process_device())
 
     # ---- bookkeeping ----
     @property
@@ -187,9 +193,12 @@ def dataset_videos(data_dir) -> list[Path]:
 
 def stage_features(run: Run, progress: bool = True) -> dict:
     """Compute the frozen-tower features of every video once (cached; corrupt videos are skipped and counted); under
-    `accelerate launch` every process encodes its share of the videos."""
+    `accelerate launch` every process encodes its share of the videos. With `features: on_the_fly` it stores nothing."""
     from vlm_rlaif.training import merge_shares, process_rank
     videos = dataset_videos(run.data_dir)
+    if run.cfg.features == "on_the_fly":  # nothing to store: each stage encodes the videos it reads
+        return dict(videos=len(videos), computed=0, cached=0, failed=0,
+                    skipped="features: on_the_fly, nothing cached (each stage runs the frozen tower as it reads a video)")
     rank, world = process_rank()
     st = run.features().precompute(videos, on_error="skip", progress=progress and rank == 0, rank=rank, world_size=world)
     counts, bad = dict(computed=st["computed"], cached=st["cached"], failed=len(st["failed"])), [list(f) for f in st["failed"]]
@@ -262,6 +271,7 @@ def config_changes(old: dict, new: dict, prefix: str = "") -> dict:
 
 IGNORED_CHANGES = ("stages",)  # which stages to run does not change what the run holds
 ADDED_SECTIONS = ("grpo", "policy_init")  # sections newer than some run directories: absent there means "not set"
+ADDED_KEYS = dict(features="cache")  # top-level keys newer than some run directories, and what their absence meant
 
 
 def check_run_config(cfg: PipelineConfig, out_dir) -> bool:
@@ -273,6 +283,7 @@ def check_run_config(cfg: PipelineConfig, out_dir) -> bool:
     if not path.exists(): return True
     try: old = yaml_load(path.read_text()) or {}
     except yaml.YAMLError as e: raise ValueError(f"{path}: not valid YAML ({e})") from None
+    old = {**ADDED_KEYS, **old}
     changed = {k: v for k, v in config_changes(old, new).items() if k.split(".")[0] not in IGNORED_CHANGES
                and not (k in ADDED_SECTIONS and v[0] == "<absent>")}  # a stage the old run could not have run
     if changed:
@@ -282,6 +293,20 @@ def check_run_config(cfg: PipelineConfig, out_dir) -> bool:
     return old != new
 
 # %% ../nbs/10_pipeline.ipynb #b75130aa
+def features_note(run: Run) -> str:
+    """One line to print before a run starts: what the feature cache will take on disk (`feature_disk_estimate`), for
+    the videos of the data when it exists, else for the toy world's `n_videos` it will render; with `features:
+    on_the_fly`, that nothing will be cached."""
+    from vlm_rlaif.data import feature_disk_estimate
+    from vlm_rlaif.toyworld import ToyWorldConfig
+    if run.cfg.toyworld is not None and not run.done("toyworld"): n = ToyWorldConfig(**run.cfg.toyworld).n_videos
+    elif run.data_dir.exists(): n = len(dataset_videos(run.data_dir))
+    else: return f"feature cache: no estimate ({run.data_dir} does not exist)"
+    text = feature_disk_estimate(run.encoder_config(), n)["text"]
+    if run.cfg.features == "cache": return text
+    return f"features: on_the_fly, nothing will be stored (a cache would hold {text.removeprefix('feature cache: ').split(' on disk')[0]})"
+
+
 def run_pipeline(cfg: PipelineConfig, out_dir, stages=None, progress: bool = True, force=()) -> dict:
     """Run `stages` (default: `cfg.stages`) of `cfg` into `out_dir`; finished stages are skipped. Returns summaries.
     The whole config is checked first (`check_config`), and an existing run directory must hold the same config."""
@@ -291,12 +316,11 @@ def run_pipeline(cfg: PipelineConfig, out_dir, stages=None, progress: bool = Tru
     from vlm_rlaif.training import atomic_write_text, process_rank
     main = process_rank()[0] == 0
     if main and write: atomic_write_text(run.root / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-    results = {}
-    for s in stages or cfg.stages:
+    results, stages = {}, list(stages or cfg.stages)
+    if progress and main and "features" in stages and not run.done("features"):  # what the cache will take, first
+        print(features_note(run), flush=True)
+    for s in stages:
         if progress and main: print(f"== stage {s}", flush=True)
-        if s == "features" and progress and main and run.data_dir.exists():  # what the cache will take, before it does
-            from vlm_rlaif.data import feature_disk_estimate
-            print(feature_disk_estimate(run.encoder_config(), len(dataset_videos(run.data_dir)))["text"], flush=True)
         t0 = time.time()
         results[s] = run_stage(run, s, progress=progress, force=s in force)
         if progress and main: print(f"== stage {s}: {time.time() - t0:.1f} s", flush=True)
@@ -333,8 +357,10 @@ def _timings_table(run: Run) -> str:
 
 # %% ../nbs/10_pipeline.ipynb #8f84f496
 def _section(run: Run, name: str, **paths) -> dict:
-    "The config section `name` completed with the run's paths (explicit values in the YAML win)."
+    """The config section `name` completed with the run's paths (explicit values in the YAML win); a section that reads
+    the run's features (`features_dir`) also gets the run's `features` source unless it sets its own."""
     d = dict(getattr(run.cfg, name) or {})
+    if "features_dir" in paths: paths = dict(paths, features=run.cfg.features)
     for k, v in paths.items(): d.setdefault(k, v)
     return d
 

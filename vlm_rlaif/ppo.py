@@ -21,7 +21,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .config import Config
-from .data import PromptDataset, Collator, load_records
+from .data import PromptDataset, Collator, check_features, load_records, video_features
 from .encoder import EncoderConfig, FeatureCache
 from .model import LoraSettings, VideoLMM, add_lora
 
@@ -44,6 +44,7 @@ class PPOConfig(Config):
     reward_model_dir: str = ""  # RewardModel dir (frozen; its backbone also carries the value head)
     prompts: str = ""  # RL records (.json/.jsonl): first human turn + video
     features_dir: str = ""  # FeatureCache root
+    features: str = "cache"  # "cache" (features_dir) | "on_the_fly": the frozen tower in the data path, no cache
     data_root: str | None = None  # videos are relative to this
     encoder: dict | None = None  # EncoderConfig dict; None: the SFT model's encoder config
     # policy LoRA (dropout 0: PPO ratios must be exactly 1 before the first update)
@@ -104,6 +105,7 @@ class PPOConfig(Config):
         for k in ("rollout_batch_size", "generation_batch_size", "minibatch_size", "ppo_epochs", "max_new_tokens"):
             if int(getattr(self, k)) < 1: raise ValueError(f"PPOConfig.{k} must be >= 1, got {getattr(self, k)}")
         if self.temperature <= 0: raise ValueError(f"PPOConfig.temperature must be > 0, got {self.temperature}")
+        check_features(self.features, "PPOConfig.features")
 
 # %% ../nbs/08_ppo.ipynb #80a11f9a
 def truncate_at_eos(responses: torch.Tensor, eos_token_id: int, pad_token_id: int) -> dict:
@@ -571,7 +573,7 @@ def train_ppo(cfg: PPOConfig, out_dir, policy: VideoLMM | None = None, reward_mo
     check_same_tokenizer(tok, getattr(rm, "tokenizer", tok), *names)
     enc = EncoderConfig.from_dict(cfg.encoder) if cfg.encoder else policy.cfg.encoder
     if hasattr(rm, "backbone"): check_same_encoder(enc, rm.backbone.cfg.encoder, *names)
-    features = FeatureCache(cfg.features_dir, enc)
+    features = video_features(cfg.features, cfg.features_dir, enc, device=acc.device)
     records = load_records(cfg.prompts, "rl", root=cfg.data_root)
     ds = PromptDataset(records, tok, features, root=cfg.data_root, max_length=cfg.max_prompt_length)
     if len(ds) == 0: raise ValueError(f"{cfg.prompts}: no usable RL prompts")

@@ -24,7 +24,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .config import Config
-from .data import Collator, PairwiseDataset, load_records
+from .data import Collator, PairwiseDataset, check_features, load_records, video_features
 from .encoder import EncoderConfig, FeatureCache
 from .model import LoraSettings, ModelConfig, VideoLMM, _is_peft, _replace_dir, add_lora
 
@@ -352,6 +352,7 @@ class RewardConfig(Config):
     val_file: str | None = None       # None: hold out `val_size` pairs of train_file
     data_root: str | None = None      # videos are relative to it
     features_dir: str | None = None   # FeatureCache root
+    features: str = "cache"           # "cache" (features_dir) | "on_the_fly": the frozen tower in the data path, no cache
     encoder: dict = field(default_factory=lambda: EncoderConfig().to_dict())
     lora: LoraSettings | None = field(default_factory=lambda: LoraSettings(**PAPER_RM_LORA))  # None: train the whole LM
     lr: float = 2e-5
@@ -392,6 +393,9 @@ class RewardConfig(Config):
             raise ValueError(f"RewardConfig.lr_scheduler must be one of {RM_SCHEDULES}, got {self.lr_scheduler!r}")
         if not 0 <= self.warmup_ratio < 1: raise ValueError(f"RewardConfig.warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
         rm_prompt(self.use_context, self.reward_prompt)  # validates the prompt / context combination
+        check_features(self.features, "RewardConfig.features")
+        if self.features == "on_the_fly" and int(self.num_workers) > 0:  # the tower runs on the training device
+            raise ValueError("RewardConfig: features='on_the_fly' encodes in the training process; set num_workers=0")
         if self.model is not None: self.backbone_config()  # validates the backbone's settings
 
     def backbone_config(self) -> ModelConfig | None:
@@ -497,7 +501,7 @@ def train_reward(cfg: RewardConfig, out_dir) -> Path:
     returns at once when `done.json` exists."""
     out = Path(out_dir)
     if stage_done(out): return out
-    for k in ("sft_model_dir", "train_file", "features_dir"):
+    for k in ("sft_model_dir", "train_file", *(("features_dir",) if cfg.features == "cache" else ())):
         if getattr(cfg, k) is None: raise ValueError(f"RewardConfig.{k} is required")
     acc = make_accelerator(cfg.mixed_precision, cfg.gradient_accumulation_steps, cfg.deepspeed_config, log_dir=out,
                            seed=cfg.seed, micro_batch_size=cfg.batch_size, max_grad_norm=cfg.max_grad_norm)
@@ -515,7 +519,7 @@ def train_reward(cfg: RewardConfig, out_dir) -> Path:
                              f"the SFT model ({cfg.sft_model_dir})")
     if cfg.gradient_checkpointing: model.backbone.gradient_checkpointing_enable()
     tok = model.tokenizer
-    features = FeatureCache(cfg.features_dir, EncoderConfig.from_dict(cfg.encoder))
+    features = video_features(cfg.features, cfg.features_dir, EncoderConfig.from_dict(cfg.encoder), device=acc.device)
     ds, vds = _rm_datasets(cfg, tok, features)
     if len(ds) == 0: raise ValueError(f"{cfg.train_file}: no usable pairs")
     sampler = EpochSampler(len(ds), cfg.seed)

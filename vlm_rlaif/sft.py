@@ -19,7 +19,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .config import Config
-from .data import EASY, HARD, Collator, VideoInstructDataset, curriculum_split, load_records
+from .data import EASY, HARD, Collator, VideoInstructDataset, check_features, curriculum_split, load_records
 from .model import IMAGE_TOKEN
 from .training import (EpochSampler, MetricLogger, atomic_write_text, check_finite, epoch_batches,
                                 gathered_params, generate_answers, latest_checkpoint, load_checkpoint, make_accelerator,
@@ -41,6 +41,7 @@ class SFTConfig(Config):
     extra_records: list = field(default_factory=list)  # more SFT files mixed in (judge / caption instructions)
     video_root: str | None = None  # root of the records' video paths; None: data_dir
     features_dir: str | None = None  # FeatureCache root (frozen-tower features, computed on a miss)
+    features: str = "cache"  # "cache" (under features_dir) | "on_the_fly": the frozen tower in the data path, no cache
     model: dict | None = None  # ModelConfig as a dict: a fresh model (toy LM or a pretrained HF LM + LoRA) ...
     init_model_dir: str | None = None  # ... or a saved VideoLMM to continue from (e.g. a projector-pretrained one)
     lora: dict | None = None  # with init_model_dir: train a new LoRA (LoraSettings dict) on it, its own LoRA merged first
@@ -90,6 +91,9 @@ class SFTConfig(Config):
             raise ValueError(f"SFTConfig.max_steps must be >= 1 or None, got {self.max_steps}")
         if not 0 <= self.warmup_ratio < 1: raise ValueError(f"SFTConfig.warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
         if self.schedule not in SCHEDULES: raise ValueError(f"SFTConfig.schedule must be one of {SCHEDULES}, got {self.schedule!r}")
+        check_features(self.features, "SFTConfig.features")
+        if self.features == "on_the_fly" and int(self.num_workers) > 0:  # the tower runs on the training device
+            raise ValueError("SFTConfig: features='on_the_fly' encodes in the training process; set num_workers=0")
         bad = {k: v for k, v in (self.file_stages or {}).items() if v not in EASY + HARD}
         if bad: raise ValueError(f"SFTConfig.file_stages: stages must be one of {EASY + HARD}, got {bad}")
         if self.lr <= 0: raise ValueError(f"SFTConfig.lr must be > 0, got {self.lr}")
@@ -232,11 +236,12 @@ def stagewise_cosine(stage_steps: Sequence[int], warmup_ratio: float = 0.03) -> 
 
 # %% ../nbs/05_sft.ipynb #20747665
 def _features(cfg: SFTConfig, model, accelerator, records, root):
-    "FeatureCache of the model's encoder; the missing features of `records` are computed first (shared by rank)."
-    from vlm_rlaif.data import media_path
-    from vlm_rlaif.encoder import FeatureCache
+    """The features of the model's encoder: a FeatureCache whose missing features of `records` are computed first
+    (shared by rank), or with `features='on_the_fly'` the frozen tower on the training device (nothing precomputed)."""
+    from vlm_rlaif.data import media_path, video_features
+    if cfg.features == "on_the_fly": return video_features("on_the_fly", None, model.cfg.encoder, device=accelerator.device)
     if cfg.features_dir is None: raise ValueError("SFTConfig.features_dir is required (the FeatureCache root)")
-    cache = FeatureCache(cfg.features_dir, model.cfg.encoder, device=accelerator.device)
+    cache = video_features("cache", cfg.features_dir, model.cfg.encoder, device=accelerator.device)
     videos = sorted({str(media_path(r, root)) for r in records})
     with accelerator.split_between_processes(videos) as mine:  # each process computes its share
         cache.precompute(mine, progress=False)
