@@ -1,4 +1,4 @@
-"""PPO vs GRPO vs RLOO on the toy world: same SFT start, same reward model, same prompts, same sampling budget.
+"""PPO vs GRPO vs RLOO (vs DPO) on the toy world: same SFT start, same reward model, same prompts, same sampling budget.
 
     python bench/toy_rl_compare.py RUN_DIR [--out DIR] [--steps 60] [--batch 32] [--group 4] [--max-new-tokens 48]
                                    [--seeds 0,1,2] [--methods ppo,grpo,rloo] [--eval-n N] [--set grpo.kl_coef=0.1 ...]
@@ -11,6 +11,8 @@ max RSS on CPU, `torch.cuda.max_memory_allocated` on a GPU), then its policy is 
 held-out split by the exact toy-world scorer (09_eval), as is the SFT model. Prints and writes `OUT/summary.json`:
 per method the scores, the gain over SFT per seed and its mean with a t-interval over seeds (paired: same SFT start,
 same questions), the last steps' RM score and KL, wall time and peak memory. Everything resumes (done.json).
+`--methods ppo,grpo,rloo,dpo` adds DPO (08b_dpo) on the run's AI-feedback preference pairs (the RM's training data)
+with the run's `dpo` section and the seed: it samples nothing and uses no RM, so its sampling and RM columns are empty.
 """
 from __future__ import annotations
 
@@ -26,7 +28,7 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-METHODS = ("ppo", "grpo", "rloo")
+METHODS = ("ppo", "grpo", "rloo", "dpo")
 RLOO = dict(advantage="rloo", kl_in="reward", kl_estimator="k1")  # RLOO as Ahmadian et al.: KL in the reward
 SHARED = ("lora", "lr", "length_coef", "max_prompt_length", "no_eos_penalty", "no_eos_mode", "temperature", "top_p",
           "rm_prompt", "rm_use_context", "mixed_precision", "deepspeed_config")  # taken from the run's ppo section
@@ -56,7 +58,9 @@ def method_config(run, method: str, a, seed: int):
     "The stage config of `method` on `run`, with the shared budget and the run's ppo settings for what they share."
     from dataclasses import replace
     from vlm_rlaif.grpo import GRPOConfig
-    from vlm_rlaif.pipeline import grpo_config, ppo_config
+    from vlm_rlaif.pipeline import dpo_config, grpo_config, ppo_config
+    if method == "dpo":  # offline: the run's preference pairs, its own epochs; only the seed changes
+        return replace(dpo_config(run), seed=seed, progress=False, **_overrides(a.set, method))
     ppo = ppo_config(run)
     budget = dict(num_steps=a.steps, rollout_batch_size=a.batch, generation_batch_size=a.batch,
                   minibatch_size=a.minibatch or a.batch // 2, max_new_tokens=a.max_new_tokens, seed=seed,
@@ -85,19 +89,22 @@ def child(job_path):
     if method == "ppo":
         from vlm_rlaif.ppo import train_ppo
         train_ppo(cfg, out / "train", monitor_fn=monitor)
+    elif method == "dpo":
+        from vlm_rlaif.dpo import train_dpo
+        train_dpo(cfg, out / "train")
     else:
         from vlm_rlaif.grpo import train_grpo
         train_grpo(cfg, out / "train", monitor_fn=monitor)
     res = dict(method=method, seed=seed, train_seconds=round(time.time() - t0, 1),
                peak_rss_mib=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1), config=cfg.to_dict())
     if torch.cuda.is_available(): res["peak_cuda_mib"] = round(torch.cuda.max_memory_allocated() / 2 ** 20, 1)
-    rows = [r for r in read_metrics(out / "train" / "metrics.jsonl") if "objective/kl" in r]
+    rows = [r for r in read_metrics(out / "train" / "metrics.jsonl") if "objective/kl" in r]  # none for DPO
     last = rows[-max(1, len(rows) // 5):]  # the last fifth of the steps
     mean = lambda k: float(np.mean([r[k] for r in last if r.get(k) is not None])) if any(r.get(k) is not None for r in last) else None
     res.update(rm_score_last=mean("objective/scores"), kl_last=mean("objective/kl_k3"),  # k3 for all methods
                gold_rollouts_last=mean("objective/monitor"),
                response_tokens=rows[-1].get("compute/response_tokens") if rows else None,
-               resumed_steps=len(rows) != a.steps)
+               resumed_steps=bool(rows) and len(rows) != a.steps)
     t1 = time.time()
     res["eval"] = evaluate(run, out / "train" / "policy", out / "eval", a)
     res["eval_seconds"] = round(time.time() - t1, 1)
@@ -196,7 +203,10 @@ def main(argv=None):
 
 def table(summary: dict, methods) -> str:
     "A markdown table of the summary: gains over SFT (mean ± 95% half-width over seeds), RM score, KL, cost."
-    f = lambda d, k="mean", fmt="{:+.3f}": "–" if not d else (fmt.format(d[k]) + (f" ± {d['half_width']:.3f}" if d.get("half_width") is not None and k == "mean" else ""))
+    def f(d, fmt="{:+.3f}"):  # mean ± 95% half-width, the half-width in the mean's format without its sign
+        if not d: return "–"
+        hw = d.get("half_width")
+        return fmt.format(d["mean"]) + ("" if hw is None else " ± " + fmt.replace("+", "").format(hw))
     head = ("| method | Δ mean criterion | Δ correctness | Δ QA accuracy | RM score (last steps) | KL k3 (last steps) | "
             "gold quality of rollouts | train s | peak RSS MiB | response tokens |")
     rows = [head, "|" + "---|" * 10]
