@@ -195,10 +195,26 @@ def main(argv=None):
             **{k: interval([r[k] for r in rs if r.get(k) is not None]) for k in
                ("rm_score_last", "kl_last", "gold_rollouts_last", "train_seconds", "peak_rss_mib", "peak_cuda_mib",
                 "response_tokens") if any(r.get(k) is not None for r in rs)})
+        curves = [curve(out / f"{m}_seed{s}" / "train" / "metrics.jsonl") for s in seeds]
+        if any(curves): summary[m]["curves"] = curves  # per seed, per step: for the figure in 08c_grpo
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     print(table(summary, list(results)))
     print(f"written: {out / 'summary.json'}")
     return summary
+
+
+CURVE_KEYS = {"objective/scores": "rm_score", "objective/kl_k3": "kl_k3", "objective/monitor": "gold",
+              "val/response_length": "length"}
+
+
+def curve(metrics_path) -> dict:
+    "Per step of one RL run: RM score, k3 KL, gold quality of the rollouts and answer length (rounded; {} for DPO)."
+    from vlm_rlaif.training import read_metrics
+    rows = [r for r in read_metrics(metrics_path) if "objective/kl" in r] if Path(metrics_path).exists() else []
+    if not rows: return {}
+    out = {"step": [int(r["step"]) for r in rows]}
+    for k, name in CURVE_KEYS.items(): out[name] = [None if r.get(k) is None else round(float(r[k]), 4) for r in rows]
+    return out
 
 
 def table(summary: dict, methods) -> str:

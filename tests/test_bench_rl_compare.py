@@ -52,3 +52,15 @@ def test_table_leaves_what_dpo_does_not_have_empty():
     dpo = [c.strip() for c in rows[3].split("|")[1:-1]]
     assert dpo[0] == "dpo" and dpo[1].startswith("+0.150 ±") and dpo[4] == dpo[5] == "–" and dpo[7] == "61 ± 13"
     assert [c.strip() for c in rows[2].split("|")[1:-1]][4].startswith("+0.400")
+
+
+def test_curve_reads_the_rl_steps_and_nothing_for_dpo(tmp_path):
+    import json
+    rows = [{"step": 1, "objective/kl": 0.0, "objective/scores": 0.5, "objective/kl_k3": 0.0, "objective/monitor": 2.0,
+             "val/response_length": 9.0}, {"step": 2, "lr": 1e-4}, {"step": 2, "objective/kl": 0.1, "objective/scores": 0.7,
+             "objective/kl_k3": 0.02, "val/response_length": 11.0}]
+    (tmp_path / "m.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    c = rc.curve(tmp_path / "m.jsonl")
+    assert c["step"] == [1, 2] and c["rm_score"] == [0.5, 0.7] and c["gold"] == [2.0, None] and c["length"] == [9.0, 11.0]
+    (tmp_path / "dpo.jsonl").write_text(json.dumps({"step": 1, "loss": 0.6}))
+    assert rc.curve(tmp_path / "dpo.jsonl") == {} and rc.curve(tmp_path / "missing.jsonl") == {}
