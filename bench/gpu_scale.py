@@ -1,6 +1,7 @@
-"""The paper's shapes on one GPU: how fast SFT and PPO run, and whether 7B policy + 7B reward/value fit.
+"""The paper's shapes on one GPU: how fast SFT and PPO run, and whether the 7B policy + 13B reward/value model fit.
 
-    python bench/gpu_scale.py                    # real shapes, needs a CUDA GPU (~80 GB for the PPO section)
+    python bench/gpu_scale.py                    # real shapes, needs a CUDA GPU (~100 GB for the PPO section)
+    python bench/gpu_scale.py --rm 7b            # a 7B reward model instead (the paper's RM for its 7B policy is 13B)
     python bench/gpu_scale.py --tiny             # the same code on tiny shapes (CPU, seconds: a smoke test)
     python bench/gpu_scale.py --sections peak,sft --sft-batch 4 --out bench/results/gpu_scale.json
     python bench/gpu_scale.py --predict [--new-tokens 896]   # the arithmetic alone (no GPU): roofline, memory floor
@@ -15,7 +16,8 @@ Sections (each writes its numbers into the JSON at once, so an out-of-memory sec
 - rollout: `VideoLMM.generate` of PPO rollouts: new tokens/s against the memory-bandwidth roofline (every decode
            step reads all weights and the KV cache once; prefill rated at the matmul peak);
 - ppo:     one full PPO step of this library (make_rollouts, compute_advantages, ppo_update) with a 7B LoRA policy
-           and a 7B reward model carrying the value head: seconds per phase and peak GPU memory.
+           and a reward model carrying the value head, 13B as in the original's launch scripts (`--rm 7b`: 7B):
+           seconds per phase and peak GPU memory.
 Not here: TRL's PPO trainer on the same models (TRL is not installed on the GPU machines of this project).
 """
 from __future__ import annotations
@@ -39,16 +41,24 @@ from vlm_rlaif.model import LoraSettings, ModelConfig, build_model, build_prompt
 
 LLAMA_7B = dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
                 num_key_value_heads=32, vocab_size=32000, max_position_embeddings=4096, tie_word_embeddings=False)
+LLAMA_13B = dict(LLAMA_7B, hidden_size=5120, intermediate_size=13824, num_hidden_layers=40, num_attention_heads=40,
+                 num_key_value_heads=40)
 TINY_LM = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
                vocab_size=1024, max_position_embeddings=2048, tie_word_embeddings=False)
+TINY_LM_LARGER = dict(TINY_LM, hidden_size=96, intermediate_size=192, num_hidden_layers=3)  # the tiny run's "13B" RM
+RM_SIZES = ("13b", "7b")  # the reward model's LM: the original's 13B for the 7B policy, or the policy's own size
 
 
-def shapes(tiny: bool) -> dict:
+def shapes(tiny: bool, rm: str = "13b") -> dict:
+    "The shapes of one run; `rm`: the reward model's LM (13b: Llama-2-13B, tiny: a larger tiny LM; 7b: the policy's)."
+    if rm not in RM_SIZES: raise ValueError(f"rm must be one of {RM_SIZES}, got {rm!r}")
     if tiny:
-        return dict(lm=TINY_LM, enc=toy_encoder_config(), dtype="float32", sft_batch=2, text_len=32, gen_batch=4,
-                    prompt_text=16, new_tokens=8, ppo_rollouts=4, ppo_minibatch=2, lora_r=8)
-    return dict(lm=LLAMA_7B, enc=EncoderConfig(pretrained=None), dtype="bfloat16", sft_batch=8, text_len=200,
-                gen_batch=32, prompt_text=64, new_tokens=256, ppo_rollouts=32, ppo_minibatch=8, lora_r=64)
+        return dict(lm=TINY_LM, rm_lm=TINY_LM_LARGER if rm == "13b" else TINY_LM, enc=toy_encoder_config(),
+                    dtype="float32", sft_batch=2, text_len=32, gen_batch=4, prompt_text=16, new_tokens=8,
+                    ppo_rollouts=4, ppo_minibatch=2, lora_r=8)
+    return dict(lm=LLAMA_7B, rm_lm=LLAMA_13B if rm == "13b" else LLAMA_7B, enc=EncoderConfig(pretrained=None),
+                dtype="bfloat16", sft_batch=8, text_len=200, gen_batch=32, prompt_text=64, new_tokens=256,
+                ppo_rollouts=32, ppo_minibatch=8, lora_r=64)
 
 
 # ------------------------------------------------------------------ measuring
@@ -103,11 +113,11 @@ def bench_tokenizer():
     return _TOKENIZER[0]
 
 
-def build(sh: dict, lora_r: int | None, seed: int = 0):
-    "A random-init VideoLMM of the given shapes, built directly on the device."
+def build(sh: dict, lora_r: int | None, seed: int = 0, lm: dict | None = None):
+    "A random-init VideoLMM of the given shapes (its LM: `lm`, default the policy's), built directly on the device."
     tok = bench_tokenizer()
     lora = LoraSettings(r=lora_r, alpha=lora_r, dropout=0.0, train_projector=True) if lora_r else None
-    cfg = ModelConfig(lm_config=dict(sh["lm"]), encoder=sh["enc"], lora=lora, dtype=sh["dtype"])
+    cfg = ModelConfig(lm_config=dict(lm or sh["lm"]), encoder=sh["enc"], lora=lora, dtype=sh["dtype"])
     torch.manual_seed(seed)
     with torch.device(device()):
         return build_model(cfg, tok)
@@ -213,7 +223,7 @@ def section_ppo(sh: dict, peak: dict, out: dict):
         policy = build(sh, sh["lora_r"], seed=0)
         for n_, p in policy.named_parameters(): p.requires_grad_("lora_" in n_)  # PPO: the projector is frozen
         policy.gradient_checkpointing_enable()
-        rm = RewardModel(build(sh, None, seed=1)).requires_grad_(False).eval()
+        rm = RewardModel(build(sh, None, seed=1, lm=sh["rm_lm"])).requires_grad_(False).eval()
         value_head = ValueHead(rm.config.hidden_size).to(device())
         lora = [p for p in policy.parameters() if p.requires_grad]
         opt = torch.optim.AdamW([{"params": lora, "lr": 1e-5}, {"params": list(value_head.parameters()), "lr": 1e-5}])
@@ -244,19 +254,21 @@ H100_NOMINAL = dict(matmul_tflops=989.0, copy_gbps=2 * 3350.0, device="H100 SXM 
 
 
 def predict(sh: dict, peak: dict = H100_NOMINAL) -> dict:
-    """What the sections should find, from arithmetic alone: the rollout roofline and the memory a 7B + 7B PPO step
-    cannot go below (both models' weights, the policy's LoRA with AdamW state, the rollout KV cache, the fp32
+    """What the sections should find, from arithmetic alone: the rollout roofline and the memory a PPO step (the
+    policy and the `rm_lm` reward model) cannot go below (both models' weights, the policy's LoRA with AdamW state, the rollout KV cache, the fp32
     log-softmax of one generation batch)."""
     lm, B, n = sh["lm"], sh["gen_batch"], sh["new_tokens"]
     T, P, _ = feature_shape(sh["enc"])
     prompt = T + P + sh["prompt_text"] + 40  # + the chat template's tokens, about
     bpp = 2 if sh["dtype"] == "bfloat16" else 4
     N_all = lm_linear_params(lm) + lm["vocab_size"] * lm["hidden_size"]
+    rm = sh.get("rm_lm", lm)
+    N_rm = lm_linear_params(rm) + rm["vocab_size"] * rm["hidden_size"]
     d, L, ff = lm["hidden_size"], lm["num_hidden_layers"], lm["intermediate_size"]
     lora = L * sh["lora_r"] * (4 * 2 * d + 3 * (d + ff))  # all-linear LoRA: A and B of q,k,v,o,gate,up,down
     kv = B * (prompt + n) * 2 * L * d * bpp
     gib = 2 ** 30
-    mem = dict(weights_policy=N_all * bpp / gib, weights_reward=N_all * bpp / gib, lora_adam_fp32=lora * 16 / gib,
+    mem = dict(weights_policy=N_all * bpp / gib, weights_reward=N_rm * bpp / gib, lora_adam_fp32=lora * 16 / gib,
                kv_cache=kv / gib, logprobs_fp32=2 * B * (n + 1) * lm["vocab_size"] * 4 / gib)
     roof = rollout_roofline(lm, B, prompt, n, bpp, peak)
     return dict(assumed_peak=peak, prompt_tokens=prompt, rollout_roofline_tokens_per_s=B * n / roof,
@@ -271,10 +283,11 @@ def main(argv=None):
     ap.add_argument("--sections", default="peak,sft,rollout,ppo")
     ap.add_argument("--predict", action="store_true", help="print the arithmetic predictions for these shapes and exit")
     ap.add_argument("--out", default=None, help="JSON file (default: bench/results/gpu_scale[_tiny].json)")
+    ap.add_argument("--rm", default="13b", choices=RM_SIZES, help="the reward model's LM (default: the original's 13B)")
     for k in ("sft_batch", "gen_batch", "new_tokens", "ppo_rollouts", "ppo_minibatch", "lora_r"):
         ap.add_argument("--" + k.replace("_", "-"), type=int, default=None)
     a = ap.parse_args(argv)
-    sh = shapes(a.tiny)
+    sh = shapes(a.tiny, a.rm)
     for k in ("sft_batch", "gen_batch", "new_tokens", "ppo_rollouts", "ppo_minibatch", "lora_r"):
         if getattr(a, k) is not None: sh[k] = getattr(a, k)
     if a.predict:

@@ -18,6 +18,13 @@ def test_llama_7b_parameter_count():
     assert gs.lm_linear_params(lm) + V * d + (2 * L + 1) * d == 6_738_415_616
 
 
+def test_llama_13b_parameter_count():
+    # Llama-2-13B (the original's reward model for the 7B policy) has 13,015,864,320 parameters
+    lm = gs.LLAMA_13B
+    d, L, V = lm["hidden_size"], lm["num_hidden_layers"], lm["vocab_size"]
+    assert gs.lm_linear_params(lm) + V * d + (2 * L + 1) * d == 13_015_864_320
+
+
 def test_linear_params_match_a_built_model():
     from transformers import AutoConfig, AutoModelForCausalLM
     lm = dict(gs.TINY_LM, num_key_value_heads=2)  # grouped-query attention counted right too
@@ -44,6 +51,7 @@ def test_tiny_run_writes_every_section(tmp_path):
     assert 0 < r["rollout"]["rollout_fraction_of_roofline"] and r["rollout"]["rollout_tokens_per_s"] > 0
     assert r["ppo"]["ppo_step_s"] > 0 and r["ppo"]["ppo_step_s"] >= r["ppo"]["ppo_rollout_phase_s"]
     assert not any("error" in r[k] for k in ("sft", "rollout", "ppo"))
+    assert r["ppo"]["ppo_params_reward"] > r["ppo"]["ppo_params_policy"]  # the RM is the larger LM, as the original's
 
 
 def test_predicted_lora_size_matches_peft():
@@ -55,3 +63,8 @@ def test_predicted_lora_size_matches_peft():
     assert gs.predict(sh)["lora_params"] == n
     real = gs.predict(gs.shapes(tiny=False))
     assert real["ppo_memory_floor_gib"]["weights_policy"] == pytest.approx(6_738_415_616 * 2 / 2 ** 30, rel=1e-4)
+    assert real["ppo_memory_floor_gib"]["weights_reward"] == pytest.approx(13_015_864_320 * 2 / 2 ** 30, rel=1e-4)
+    same = gs.predict(gs.shapes(tiny=False, rm="7b"))["ppo_memory_floor_gib"]
+    assert same["weights_reward"] == same["weights_policy"]
+    with pytest.raises(ValueError, match="rm must be one of"):
+        gs.shapes(tiny=True, rm="70b")
