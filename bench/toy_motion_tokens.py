@@ -76,9 +76,9 @@ def main(argv=None):
     spec = importlib.util.spec_from_file_location("toy_video_use", Path(__file__).parent / "toy_video_use.py")
     vu = importlib.util.module_from_spec(spec); spec.loader.exec_module(vu)
     res = vu.measure(out, a.records)
+    enc = Run(cfg, out, create=False).encoder_config()
     res.update(run=f"SFT of {src.name}'s config with {a.grid}x{a.grid} blocks per frame as temporal tokens", grid=a.grid,
-               visual_tokens=M.num_visual_tokens(Run(cfg, out, create=False).encoder_config().n_frames,
-                                                 Run(cfg, out, create=False).encoder_config().num_patches))
+               visual_tokens=M.num_visual_tokens(enc.n_frames, enc.num_patches))
     (out / "video_use.json").write_text(json.dumps(res, indent=1))
     for k, v in res["words"].items():
         print(f"{k:7s} n={v['n']:5d}   NLL {v['nll_own']:.3f} vs {v['nll_other']:.3f}   top-1 {v['top1_own']:.3f} vs {v['top1_other']:.3f}")

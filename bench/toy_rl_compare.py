@@ -84,7 +84,7 @@ def child(job_path):
     torch.set_num_threads(a.threads)
     run, method, seed, out = _run(a.run_dir), job["method"], job["seed"], Path(job["out"])
     cfg = method_config(run, method, a, seed)
-    monitor = toy_gold_monitor(run.data_dir)
+    monitor = None if method == "dpo" else toy_gold_monitor(run.data_dir)  # the gold quality of RL rollouts
     t0 = time.time()
     if method == "ppo":
         from vlm_rlaif.ppo import train_ppo

@@ -512,7 +512,8 @@ def curriculum_split(records: Sequence[dict], threshold: float = DataConfig.curr
 # %% ../nbs/04_data.ipynb #dfff10c3
 def feature_disk_estimate(encoder_cfg, n_videos: int, dtype: str = "float16") -> dict:
     """What the feature cache will hold: bytes per video (`n_frames x patches x width x bytes per value`, the
-    unpooled tower features) and for `n_videos` videos, with a one-line `text` to print before a run starts."""
+    unpooled tower features) and for `n_videos` videos, with a one-line `text` to print before a run starts (`size`: its
+    figures alone)."""
     from vlm_rlaif.encoder import FEATURE_DTYPES, feature_bytes
     per = feature_bytes(encoder_cfg, dtype)
     total = per * int(n_videos)
@@ -521,10 +522,10 @@ def feature_disk_estimate(encoder_cfg, n_videos: int, dtype: str = "float16") ->
             if b >= k: return f"{b / k:.3g} {unit}"
         return f"{b} B"
     c = encoder_cfg
-    text = (f"feature cache: {c.n_frames} frames x {c.num_patches} patches x {c.hidden_size} x "
-            f"{FEATURE_DTYPES[dtype].itemsize} B ({dtype}) = {fmt(per)} per video; {n_videos} videos: {fmt(total)} "
-            "on disk (`features: on_the_fly` stores nothing)")
-    return dict(bytes_per_video=per, n_videos=int(n_videos), total_bytes=total, text=text)
+    size = (f"{c.n_frames} frames x {c.num_patches} patches x {c.hidden_size} x {FEATURE_DTYPES[dtype].itemsize} B "
+            f"({dtype}) = {fmt(per)} per video; {n_videos} videos: {fmt(total)}")
+    text = f"feature cache: {size} on disk (`features: on_the_fly` stores nothing)"
+    return dict(bytes_per_video=per, n_videos=int(n_videos), total_bytes=total, size=size, text=text)
 
 
 class TowerFeatures:

@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from .config import Config
 from .data import (Collator, check_features, load_records, media_path, tokenize_conversations, validate_record,
                              video_features)
-from .encoder import EncoderConfig, FeatureCache
+from .encoder import EncoderConfig
 from .model import IGNORE_INDEX, LoraSettings, VideoLMM, expand_image_tokens
 from .ppo import load_policy
 

@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from .config import Config
 from .data import Collator, PromptDataset, check_features, load_records, video_features
-from .encoder import EncoderConfig, FeatureCache
+from .encoder import EncoderConfig
 from .model import LoraSettings, VideoLMM
 from .ppo import (KL_ESTIMATORS, KLController, _reduce_means, _step_indices, _trim, batch_sizes, kl_estimate,
                   load_policy, make_rollouts, masked_mean, policy_loss, response_logprobs, rm_prompt_ids,

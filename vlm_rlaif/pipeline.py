@@ -302,9 +302,9 @@ def features_note(run: Run) -> str:
     if run.cfg.toyworld is not None and not run.done("toyworld"): n = ToyWorldConfig(**run.cfg.toyworld).n_videos
     elif run.data_dir.exists(): n = len(dataset_videos(run.data_dir))
     else: return f"feature cache: no estimate ({run.data_dir} does not exist)"
-    text = feature_disk_estimate(run.encoder_config(), n)["text"]
-    if run.cfg.features == "cache": return text
-    return f"features: on_the_fly, nothing will be stored (a cache would hold {text.removeprefix('feature cache: ').split(' on disk')[0]})"
+    est = feature_disk_estimate(run.encoder_config(), n)
+    if run.cfg.features == "cache": return est["text"]
+    return f"features: on_the_fly, nothing will be stored (a cache would hold {est['size']})"
 
 
 def run_pipeline(cfg: PipelineConfig, out_dir, stages=None, progress: bool = True, force=()) -> dict:

@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from .config import Config
 from .data import PromptDataset, Collator, check_features, load_records, video_features
-from .encoder import EncoderConfig, FeatureCache
+from .encoder import EncoderConfig
 from .model import LoraSettings, VideoLMM, add_lora
 
 # %% auto #0
