@@ -26,6 +26,12 @@ check_unchanged "README.md from nbs/index.ipynb" python .ci/make_readme.py
 echo "== nbdev_test"
 nbdev_test --n_workers 2 --timing
 echo "== pytest"
+# tests/test_smol.py writes ~1.5 GB under the temp directory (removed when its tests end): say so up front when the
+# disk is short, instead of letting safetensors fail mid-save with "No space left on device"
+tmp_free_mib=$(df -Pm "${TMPDIR:-/tmp}" | awk 'NR==2 {print $4}')
+if [ "${tmp_free_mib:-0}" -lt 3072 ]; then
+  echo "WARNING: only ${tmp_free_mib} MiB free in ${TMPDIR:-/tmp}; tests/test_smol.py needs ~1.5 GB (set TMPDIR elsewhere)"
+fi
 set +e
 python -m pytest tests -q -p no:cacheprovider --durations=12
 rc=$?

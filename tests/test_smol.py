@@ -12,6 +12,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -51,9 +52,13 @@ def run(tmp_path_factory):
     torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
     cfg = load_config(ROOT / "configs" / "smol.yaml", TINY)
     # VLM_RLAIF_SMOL_RUN: a run directory to keep (finished stages of the same config are resumed, not rerun)
-    out = Path(os.environ.get("VLM_RLAIF_SMOL_RUN") or tmp_path_factory.mktemp("smol"))
+    keep = os.environ.get("VLM_RLAIF_SMOL_RUN")
+    out = Path(keep or tmp_path_factory.mktemp("smol"))
     res = run_pipeline(cfg, out, progress=False)
-    return Run(cfg, out), res
+    yield Run(cfg, out), res
+    # the run holds ~1.5 GB (full-weight copies of the 135M LM per stage): gone once the module's tests are done,
+    # so repeated test runs on one machine do not fill its disk (pytest keeps old temp directories)
+    if not keep: shutil.rmtree(out, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
