@@ -9,7 +9,8 @@ steps (GRPO/RLOO: `--batch / --group` prompts x `--group` answers), so the sampl
 actually sampled are reported too. Each (method, seed) trains in its own process (so its peak memory is its own:
 max RSS on CPU, `torch.cuda.max_memory_allocated` on a GPU), then its policy is evaluated greedily on the run's
 held-out split by the exact toy-world scorer (09_eval), as is the SFT model. Prints and writes `OUT/summary.json`:
-per method the scores, the gain over SFT per seed and its mean with a t-interval over seeds (paired: same SFT start,
+what the optimised reward model is worth (who labelled its pairs, its held-out accuracy on them and against the
+truth), per method the scores, the gain over SFT per seed and its mean with a t-interval over seeds (paired: same SFT start,
 same questions), the last steps' RM score and KL, wall time and peak memory. Everything resumes (done.json).
 `--methods ppo,grpo,rloo,dpo` adds DPO (08b_dpo) on the run's AI-feedback preference pairs (the RM's training data)
 with the run's `dpo` section and the seed: it samples nothing and uses no RM, so its sampling and RM columns are empty.
@@ -187,7 +188,8 @@ def main(argv=None):
         for r in rs: r["eval"] = flat_scores(r["eval"])
     crits = list(sft)
     summary = dict(run_dir=str(run.root), budget=dict(steps=a.steps, answers_per_step=a.batch, group=a.group,
-                   max_new_tokens=a.max_new_tokens), seeds=seeds, sft=dict(scores=sft, eval_seconds=sft_seconds))
+                   max_new_tokens=a.max_new_tokens), seeds=seeds, reward_model=reward_model_info(run),
+                   sft=dict(scores=sft, eval_seconds=sft_seconds))
     for m, rs in results.items():
         summary[m] = dict(
             gain_over_sft={c: interval([r["eval"][c] - sft[c] for r in rs]) for c in crits if all(c in r["eval"] for r in rs)},
@@ -198,9 +200,21 @@ def main(argv=None):
         curves = [curve(out / f"{m}_seed{s}" / "train" / "metrics.jsonl") for s in seeds]
         if any(curves): summary[m]["curves"] = curves  # per seed, per step: for the figure in 08c_grpo
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    rm = summary["reward_model"]
+    print(f"reward model ({rm['judge']} labels): held-out accuracy {rm['accuracy']}, against the truth {rm['truth_accuracy']}")
     print(table(summary, list(results)))
     print(f"written: {out / 'summary.json'}")
     return summary
+
+
+def reward_model_info(run) -> dict:
+    """What the optimised reward model is worth: its held-out preference accuracy on the pairs of its own labels
+    (`accuracy`) and against the toy-world truth (`truth_accuracy`, when measured), from `reward/eval.json`, and who
+    labelled its training pairs (`feedback.judge`: the SFT model, or the oracle ablation)."""
+    path = run.dir("reward") / "eval.json"
+    ev = json.loads(path.read_text()) if path.exists() else {}
+    return dict(judge=(run.cfg.feedback or {}).get("judge", "model"), n_val=ev.get("n"),
+                **{k: ev.get(k) for k in ("accuracy", "truth_accuracy")})
 
 
 CURVE_KEYS = {"objective/scores": "rm_score", "objective/kl_k3": "kl_k3", "objective/monitor": "gold",

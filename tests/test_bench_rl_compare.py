@@ -64,3 +64,12 @@ def test_curve_reads_the_rl_steps_and_nothing_for_dpo(tmp_path):
     assert c["step"] == [1, 2] and c["rm_score"] == [0.5, 0.7] and c["gold"] == [2.0, None] and c["length"] == [9.0, 11.0]
     (tmp_path / "dpo.jsonl").write_text(json.dumps({"step": 1, "loss": 0.6}))
     assert rc.curve(tmp_path / "dpo.jsonl") == {} and rc.curve(tmp_path / "missing.jsonl") == {}
+
+
+def test_reward_model_info_says_who_labelled_and_how_right_it_is(tmp_path):
+    import json
+    r = Run(load_config(ROOT / "configs" / "toy.yaml", ["feedback.judge=oracle"]), tmp_path, create=False)
+    assert rc.reward_model_info(r) == dict(judge="oracle", n_val=None, accuracy=None, truth_accuracy=None)  # not trained yet
+    r.dir("reward").mkdir(parents=True, exist_ok=True)
+    (r.dir("reward") / "eval.json").write_text(json.dumps(dict(accuracy=0.5, n=100, truth_accuracy=0.5, margins=[0.1])))
+    assert rc.reward_model_info(r) == dict(judge="oracle", n_val=100, accuracy=0.5, truth_accuracy=0.5)
