@@ -56,7 +56,7 @@ def interval95(hits: int, n: int) -> dict:
 
 
 def rm_truth(run, records) -> dict:
-    "`run`'s reward model on `records` (pairs with `truth_preference`): accuracy against the truth, ties half."
+    "`run`'s reward model on `records` (pairs whose `preference` is the truth): accuracy against the truth, ties half."
     from vlm_rlaif.data import PairwiseDataset, video_features
     from vlm_rlaif.encoder import EncoderConfig
     from vlm_rlaif.pipeline import reward_config
@@ -89,6 +89,8 @@ def main(argv=None):
     pairs = [r for s in a.seeds.split(",") for r in fresh_pairs(runs[0], a.split, int(s), out / "pairs")]
     pairs = [r for r in pairs if r.get("truth_preference") in (1, 2)]
     if not pairs: raise ValueError(f"{out}: no untied answer pairs from the {a.split} split")
+    mixed = sum(r.get("preference") != r["truth_preference"] for r in pairs)  # rm_truth reads `preference` as the truth
+    if mixed: raise ValueError(f"{out / 'pairs'}: {mixed} pairs labelled otherwise than the truth; remove that directory")
     summary = dict(pairs_from=str(runs[0].root), split=a.split, seeds=a.seeds, n_pairs=len(pairs), rms={})
     for run in runs:
         ev = json.loads((run.dir("reward") / "eval.json").read_text()) if (run.dir("reward") / "eval.json").exists() else {}
