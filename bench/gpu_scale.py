@@ -255,15 +255,14 @@ H100_NOMINAL = dict(matmul_tflops=989.0, copy_gbps=2 * 3350.0, device="H100 SXM 
 
 def predict(sh: dict, peak: dict = H100_NOMINAL) -> dict:
     """What the sections should find, from arithmetic alone: the rollout roofline and the memory a PPO step (the
-    policy and the `rm_lm` reward model) cannot go below (both models' weights, the policy's LoRA with AdamW state, the rollout KV cache, the fp32
-    log-softmax of one generation batch)."""
+    policy and the `rm_lm` reward model) cannot go below (both models' weights, the policy's LoRA with AdamW state,
+    the rollout KV cache, the fp32 log-softmax of one generation batch)."""
     lm, B, n = sh["lm"], sh["gen_batch"], sh["new_tokens"]
     T, P, _ = feature_shape(sh["enc"])
     prompt = T + P + sh["prompt_text"] + 40  # + the chat template's tokens, about
     bpp = 2 if sh["dtype"] == "bfloat16" else 4
-    N_all = lm_linear_params(lm) + lm["vocab_size"] * lm["hidden_size"]
-    rm = sh.get("rm_lm", lm)
-    N_rm = lm_linear_params(rm) + rm["vocab_size"] * rm["hidden_size"]
+    weights = lambda c: lm_linear_params(c) + c["vocab_size"] * c["hidden_size"]  # linear layers + embedding table
+    N_all, N_rm = weights(lm), weights(sh.get("rm_lm", lm))
     d, L, ff = lm["hidden_size"], lm["num_hidden_layers"], lm["intermediate_size"]
     lora = L * sh["lora_r"] * (4 * 2 * d + 3 * (d + ff))  # all-linear LoRA: A and B of q,k,v,o,gate,up,down
     kv = B * (prompt + n) * 2 * L * d * bpp

@@ -16,19 +16,14 @@ import argparse
 import json
 import math
 import os
+import sys
 from dataclasses import replace
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-
-
-def _run(run_dir):
-    from vlm_rlaif.pipeline import Run, load_config
-    run_dir = Path(run_dir)
-    for need in ("config.yaml", "sft/model", "reward/model"):
-        if not (run_dir / need).exists(): raise FileNotFoundError(f"{run_dir}: no {need}; run `make demo` (or the stages up to reward) first")
-    return Run(load_config(run_dir / "config.yaml"), run_dir, create=False)
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling bench script, also when loaded by a test
+from toy_rl_compare import _run, reward_model_info  # noqa: E402  (a finished run directory; what its RM is worth)
 
 
 def fresh_pairs(run, split: str, seed: int, out_dir, progress: bool = False) -> list[dict]:
@@ -93,14 +88,12 @@ def main(argv=None):
     if mixed: raise ValueError(f"{out / 'pairs'}: {mixed} pairs labelled otherwise than the truth; remove that directory")
     summary = dict(pairs_from=str(runs[0].root), split=a.split, seeds=a.seeds, n_pairs=len(pairs), rms={})
     for run in runs:
-        ev = json.loads((run.dir("reward") / "eval.json").read_text()) if (run.dir("reward") / "eval.json").exists() else {}
-        res = rm_truth(run, pairs)
-        summary["rms"][str(run.root)] = dict(judge=(run.cfg.feedback or {}).get("judge", "model"), truth=res,
-                                             own_held_out=dict(n=ev.get("n"), accuracy=ev.get("accuracy"),
-                                                               truth_accuracy=ev.get("truth_accuracy")))
-        print(f"{run.root}: RM trained on {summary['rms'][str(run.root)]['judge']} labels: {res['accuracy']:.3f} right against "
-              f"the truth on {res['n']} fresh {a.split} pairs (95% {res['low']:.3f}-{res['high']:.3f}); its own held-out: "
-              f"{ev.get('accuracy')} on its labels, {ev.get('truth_accuracy')} against the truth ({ev.get('n')} pairs)")
+        info, res = reward_model_info(run), rm_truth(run, pairs)
+        own = dict(n=info["n_val"], accuracy=info["accuracy"], truth_accuracy=info["truth_accuracy"])
+        summary["rms"][str(run.root)] = dict(judge=info["judge"], truth=res, own_held_out=own)
+        print(f"{run.root}: RM trained on {info['judge']} labels: {res['accuracy']:.3f} right against the truth on "
+              f"{res['n']} fresh {a.split} pairs (95% {res['low']:.3f}-{res['high']:.3f}); its own held-out: "
+              f"{own['accuracy']} on its labels, {own['truth_accuracy']} against the truth ({own['n']} pairs)")
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     print(f"written: {out / 'summary.json'}")
     return summary
